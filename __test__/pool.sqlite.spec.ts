@@ -1,0 +1,91 @@
+import { mkdtempSync, rmSync } from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+
+import { ConnectionPool } from '../index'
+
+describe('ConnectionPool on SQLite', () => {
+  let dir: string
+  beforeAll(() => {
+    dir = mkdtempSync(path.join(os.tmpdir(), 'qm-sqlite-'))
+  })
+  afterAll(() => rmSync(dir, { recursive: true, force: true }))
+
+  it('shares one in-memory database across the pool and maps values', async () => {
+    const pool = new ConnectionPool({ url: 'sqlite::memory:', maxSize: 4, name: 'mem-values' })
+    await pool.execute('create table quotes(sym text primary key, price real, qty integer, raw blob, big integer)')
+    const ins = await pool.execute('insert into quotes values (?1, ?2, ?3, ?4, ?5)', ['BTC', 64000.5, 3, Buffer.from([1, 2, 3]), 9007199254740993n])
+    expect(ins.rowCount).toBe(1)
+    expect(ins.lastInsertId).toBe(1)
+    // Every connection of the pool sees the row: hold two leases at once and read on both.
+    const a = await pool.acquire()
+    const b = await pool.acquire()
+    const [ra, rb] = await Promise.all([a.query('select * from quotes'), b.query('select count(*) as n from quotes')])
+    a.release()
+    b.release()
+    expect(ra.rows).toEqual([{ sym: 'BTC', price: 64000.5, qty: 3, raw: Buffer.from([1, 2, 3]), big: 9007199254740993n }])
+    expect(ra.fields).toEqual(['sym', 'price', 'qty', 'raw', 'big'])
+    expect(rb.rows[0].n).toBe(1)
+    await pool.close()
+  })
+
+  it('keeps data in a file across pools', async () => {
+    const url = `sqlite:${path.join(dir, 'trading.db')}`
+    const writer = new ConnectionPool({ url, maxSize: 2 })
+    await writer.execute('create table fills(id integer primary key, qty integer)')
+    await writer.execute('insert into fills(qty) values (?1), (?2)', [3, 4])
+    await writer.close()
+    const reader = new ConnectionPool({ url, maxSize: 2 })
+    const { rows } = await reader.query('select sum(qty) as total from fills')
+    expect(rows[0].total).toBe(7)
+    await reader.close()
+  })
+
+  it('commits a transaction and rolls one back on throw', async () => {
+    const pool = new ConnectionPool({ url: 'sqlite::memory:', maxSize: 2 })
+    await pool.execute('create table positions(id integer primary key, qty integer)')
+    await pool.execute('insert into positions values (1, 0)')
+    const out = await pool.transaction(async (tx) => {
+      await tx.execute('update positions set qty = qty + ?1 where id = 1', [5])
+      return 'done'
+    })
+    expect(out).toBe('done')
+    await expect(
+      pool.transaction(async (tx) => {
+        await tx.execute('update positions set qty = qty + ?1 where id = 1', [100])
+        throw new Error('risk check failed')
+      }),
+    ).rejects.toThrow('risk check failed')
+    const { rows } = await pool.query('select qty from positions where id = 1')
+    expect(rows[0].qty).toBe(5)
+    expect(pool.status().inUse).toBe(0)
+    await pool.close()
+  })
+
+  it('releases a lease with await using, even on throw', async () => {
+    const pool = new ConnectionPool({ url: 'sqlite::memory:', maxSize: 1 })
+    const run = async () => {
+      await using conn = await pool.acquire()
+      expect(pool.status().inUse).toBe(1)
+      await conn.query('select 1')
+      throw new Error('boom')
+    }
+    await expect(run()).rejects.toThrow('boom')
+    expect(pool.status().inUse).toBe(0)
+    {
+      using conn = pool.tryAcquire()!
+      expect(conn).not.toBeNull()
+      expect(pool.tryAcquire()).toBeNull()
+    }
+    expect(pool.tryAcquire()).not.toBeNull()
+    await pool.close()
+  })
+
+  it('reports a syntax error as QUERY_FAILED and keeps serving', async () => {
+    const pool = new ConnectionPool({ url: 'sqlite::memory:', maxSize: 1 })
+    await expect(pool.query('selec 1')).rejects.toMatchObject({ code: 'QUERY_FAILED' })
+    await expect(pool.query('select ?1 as x', [])).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' })
+    expect((await pool.query('select 2 as x')).rows).toEqual([{ x: 2 }])
+    await pool.close()
+  })
+})

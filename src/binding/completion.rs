@@ -1,0 +1,214 @@
+//! Settles promises from tokio in batches. napi-rs's `spawn_future` makes one threadsafe
+//! function (a libuv handle) per call; here one per Node environment carries every
+//! completion, and one wake-up of the main thread settles all that are ready.
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::future::Future;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use napi::bindgen_prelude::{PromiseRaw, ToNapiValue};
+use napi::{sys, Env, JsValue};
+use parking_lot::Mutex;
+
+use super::errors::js_error;
+use crate::error::Error;
+
+type Settle = Box<dyn FnOnce(&Env) -> Result<sys::napi_value, sys::napi_value> + Send>;
+
+struct Completion {
+    deferred: Deferred,
+    settle: Settle,
+}
+
+/// `napi_deferred` is only touched on the main thread; it rides along in the queue.
+struct Deferred(sys::napi_deferred);
+unsafe impl Send for Deferred {}
+
+struct Tsfn(sys::napi_threadsafe_function);
+unsafe impl Send for Tsfn {}
+unsafe impl Sync for Tsfn {}
+
+struct Dispatcher {
+    tsfn: Tsfn,
+    queue: Mutex<Vec<Completion>>,
+    closed: AtomicBool,
+}
+
+impl Dispatcher {
+    fn complete(&self, completion: Completion) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let first = {
+            let mut queue = self.queue.lock();
+            queue.push(completion);
+            queue.len() == 1
+        };
+        if first {
+            // Wake the main thread once; it drains everything queued by then.
+            unsafe {
+                sys::napi_call_threadsafe_function(self.tsfn.0, ptr::null_mut(), sys::ThreadsafeFunctionCallMode::nonblocking)
+            };
+        }
+    }
+}
+
+/// Main-thread state: the dispatcher and how many promises are still pending.
+struct Local {
+    env: sys::napi_env,
+    dispatcher: Arc<Dispatcher>,
+    pending: usize,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+}
+
+unsafe extern "C" fn drain(env: sys::napi_env, _js_cb: sys::napi_value, context: *mut c_void, _data: *mut c_void) {
+    if env.is_null() {
+        return;
+    }
+    let dispatcher = unsafe { &*(context as *const Dispatcher) };
+    let ready = std::mem::take(&mut *dispatcher.queue.lock());
+    let count = ready.len();
+    let wrapped = Env::from_raw(env);
+    for completion in ready {
+        let mut scope = ptr::null_mut();
+        unsafe { sys::napi_open_handle_scope(env, &mut scope) };
+        match (completion.settle)(&wrapped) {
+            Ok(value) => unsafe { sys::napi_resolve_deferred(env, completion.deferred.0, value) },
+            Err(error) => unsafe { sys::napi_reject_deferred(env, completion.deferred.0, error) },
+        };
+        unsafe { sys::napi_close_handle_scope(env, scope) };
+    }
+    LOCAL.with(|l| {
+        if let Some(local) = l.borrow_mut().as_mut() {
+            local.pending = local.pending.saturating_sub(count);
+            if local.pending == 0 {
+                // Nothing in flight: don't keep the process alive.
+                unsafe { sys::napi_unref_threadsafe_function(env, local.dispatcher.tsfn.0) };
+            }
+        }
+    });
+}
+
+unsafe extern "C" fn finalize(_env: sys::napi_env, data: *mut c_void, _hint: *mut c_void) {
+    drop(unsafe { Arc::from_raw(data as *const Dispatcher) });
+}
+
+unsafe extern "C" fn cleanup(arg: *mut c_void) {
+    let dispatcher = unsafe { &*(arg as *const Dispatcher) };
+    dispatcher.closed.store(true, Ordering::Release);
+    unsafe { sys::napi_release_threadsafe_function(dispatcher.tsfn.0, sys::ThreadsafeFunctionReleaseMode::abort) };
+    LOCAL.with(|l| l.borrow_mut().take());
+}
+
+fn dispatcher(env: &Env) -> napi::Result<Arc<Dispatcher>> {
+    let raw_env = env.raw();
+    if let Some(d) = LOCAL.with(|l| l.borrow().as_ref().filter(|x| x.env == raw_env).map(|x| Arc::clone(&x.dispatcher))) {
+        return Ok(d);
+    }
+    let mut name = ptr::null_mut();
+    let label = "quartermaster.completions";
+    unsafe { sys::napi_create_string_utf8(raw_env, label.as_ptr().cast(), label.len() as isize, &mut name) };
+    // The dispatcher's address is fixed before the threadsafe function exists; fill it after.
+    let dispatcher = Arc::new(Dispatcher {
+        tsfn: Tsfn(ptr::null_mut()),
+        queue: Mutex::new(Vec::new()),
+        closed: AtomicBool::new(false),
+    });
+    let mut tsfn = ptr::null_mut();
+    let context = Arc::into_raw(Arc::clone(&dispatcher)) as *mut c_void;
+    let status = unsafe {
+        sys::napi_create_threadsafe_function(
+            raw_env,
+            ptr::null_mut(),
+            ptr::null_mut(),
+            name,
+            0,
+            1,
+            context,
+            Some(finalize),
+            context,
+            Some(drain),
+            &mut tsfn,
+        )
+    };
+    if status != sys::Status::napi_ok {
+        drop(unsafe { Arc::from_raw(context as *const Dispatcher) });
+        return Err(napi::Error::from_reason("could not create the completion channel"));
+    }
+    // Safe: no other thread has seen `dispatcher` yet.
+    let dispatcher = unsafe {
+        let raw = Arc::as_ptr(&dispatcher) as *mut Dispatcher;
+        (*raw).tsfn = Tsfn(tsfn);
+        dispatcher
+    };
+    unsafe {
+        sys::napi_unref_threadsafe_function(raw_env, tsfn);
+        sys::napi_add_env_cleanup_hook(raw_env, Some(cleanup), Arc::as_ptr(&dispatcher) as *mut c_void);
+    }
+    LOCAL.with(|l| {
+        *l.borrow_mut() = Some(Local {
+            env: raw_env,
+            dispatcher: Arc::clone(&dispatcher),
+            pending: 0,
+        })
+    });
+    Ok(dispatcher)
+}
+
+fn error_value(env: &Env, err: napi::Error) -> sys::napi_value {
+    match env.create_error(err) {
+        Ok(obj) => obj.raw(),
+        Err(_) => {
+            let mut undefined = ptr::null_mut();
+            unsafe { sys::napi_get_undefined(env.raw(), &mut undefined) };
+            undefined
+        }
+    }
+}
+
+/// Runs an owned future on the tokio runtime and settles a promise on the main thread:
+/// `Ok` through `convert`, `Err` as a coded JS error. The future must own what it uses —
+/// never a borrow of a `#[napi]` object (a terminated worker would free it mid-await).
+pub(crate) fn spawn<'env, T, V, F, C>(env: &'env Env, fut: F, convert: C) -> napi::Result<PromiseRaw<'env, V>>
+where
+    T: Send + 'static,
+    V: ToNapiValue + 'static,
+    F: Future<Output = Result<T, Error>> + Send + 'static,
+    C: FnOnce(&Env, T) -> napi::Result<V> + Send + 'static,
+{
+    let dispatcher = dispatcher(env)?;
+    let raw_env = env.raw();
+    let mut deferred = ptr::null_mut();
+    let mut promise = ptr::null_mut();
+    if unsafe { sys::napi_create_promise(raw_env, &mut deferred, &mut promise) } != sys::Status::napi_ok {
+        return Err(napi::Error::from_reason("could not create a promise"));
+    }
+    LOCAL.with(|l| {
+        if let Some(local) = l.borrow_mut().as_mut() {
+            if local.pending == 0 {
+                unsafe { sys::napi_ref_threadsafe_function(raw_env, local.dispatcher.tsfn.0) };
+            }
+            local.pending += 1;
+        }
+    });
+    let deferred = Deferred(deferred);
+    let task = async move {
+        let out = fut.await;
+        let settle: Settle = Box::new(move |env: &Env| match out {
+            Ok(value) => match convert(env, value).and_then(|v| unsafe { V::to_napi_value(env.raw(), v) }) {
+                Ok(js) => Ok(js),
+                Err(e) => Err(error_value(env, e)),
+            },
+            Err(err) => Err(error_value(env, js_error(env, err))),
+        });
+        dispatcher.complete(Completion { deferred, settle });
+    };
+    super::runtime().spawn(task);
+    Ok(PromiseRaw::new(raw_env, promise))
+}

@@ -1,0 +1,483 @@
+//! `ModelCache` and `Model`: neural models in host or GPU memory, cached, run and freed.
+//! Conversion only; the cache, the backends and the accounting live in `crate::models`.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use napi::bindgen_prelude::{Either, Float32ArraySlice, ObjectFinalize, PromiseRaw, Uint8ArraySlice};
+use napi::Env;
+use napi_derive::napi;
+
+use crate::error::{Error, Result as CoreResult};
+use crate::metrics::{LiveResource, LiveToken, Registry};
+use crate::models::{self as core, CacheConfig, DeviceRequest, MemoryUsage, ModelHandle, ModelSource};
+
+use super::{js_error, spawn};
+
+/// Settings for a `ModelCache`. Every field is optional.
+#[napi(object)]
+pub struct ModelCacheOptions {
+    /// Most models resident at once (LRU eviction beyond it). Default 100.
+    pub max_models: Option<u32>,
+    /// Most bytes of weights resident at once, host and GPU together (LRU eviction beyond it).
+    /// Default 4 GiB. Note: `4 << 30` is 0 in JavaScript; write `4 * 2 ** 30`.
+    pub max_bytes: Option<f64>,
+    /// A model not used (loaded, got or run) for this long expires. Default one hour; 0 disables.
+    pub ttl_ms: Option<f64>,
+    /// Period of the background sweep of expired models. Default five minutes; 0 disables.
+    /// The sweep never keeps the process alive.
+    pub cleanup_interval_ms: Option<f64>,
+    /// `'auto'` (CUDA when a driver and device are present, else CPU), `'cpu'`, `'cuda'` or
+    /// `'cuda:N'`. Default `'auto'`.
+    pub device: Option<String>,
+    /// Per-model bound on idle inference workspaces kept for reuse. Default 64 MiB.
+    pub tensor_cache_bytes: Option<f64>,
+    /// Label in metrics. Default `models`.
+    pub name: Option<String>,
+}
+
+/// Options for one prediction.
+#[napi(object)]
+pub struct PredictOptions {
+    /// Samples in the input. When given, the input must hold exactly `batch × inputSize ×
+    /// sequenceLength` floats; otherwise the batch is inferred from the input length.
+    pub batch: Option<u32>,
+}
+
+/// Bytes a model (or a whole cache) holds. Exact.
+#[napi(object, object_from_js = false)]
+pub struct ModelMemoryUsage {
+    /// Weights in host memory (owned or memory-mapped).
+    pub model_data_bytes: f64,
+    /// Idle workspaces kept for reuse (bounded by `tensorCacheBytes` per model).
+    pub cache_bytes: f64,
+    /// Workspaces used by predictions running now.
+    pub temp_buffer_bytes: f64,
+    /// Weights and workspaces in GPU memory.
+    pub gpu_bytes: f64,
+    pub total_bytes: f64,
+}
+
+impl From<MemoryUsage> for ModelMemoryUsage {
+    fn from(u: MemoryUsage) -> Self {
+        ModelMemoryUsage {
+            model_data_bytes: u.model_data_bytes as f64,
+            cache_bytes: u.cache_bytes as f64,
+            temp_buffer_bytes: u.temp_buffer_bytes as f64,
+            gpu_bytes: u.gpu_bytes as f64,
+            total_bytes: u.total_bytes as f64,
+        }
+    }
+}
+
+/// What a `ModelCache` holds and how well it is doing.
+#[napi(object, object_from_js = false)]
+pub struct ModelCacheStats {
+    /// Models resident now.
+    pub models: u32,
+    pub hits: f64,
+    pub misses: f64,
+    /// `hits / (hits + misses)`, 0 before the first lookup.
+    pub hit_rate: f64,
+    /// Evictions by the count bound, the byte bound or `evict()`/`clear()`.
+    pub evictions: f64,
+    /// Models that expired (TTL).
+    pub expirations: f64,
+    /// Host bytes held: weights and workspaces, including evicted models finishing a call.
+    pub bytes: f64,
+    pub gpu_bytes: f64,
+    /// `'cpu'` or `'cuda:N'`.
+    pub device: String,
+}
+
+/// Free and total memory of the cache's GPU.
+#[napi(object, object_from_js = false)]
+pub struct DeviceMemory {
+    pub free: f64,
+    pub total: f64,
+}
+
+/// Native bytes reported to V8 for one cache, reconciled whenever an env is at hand so GC
+/// pressure follows what the cache really holds.
+#[derive(Default)]
+struct ExternalMemory {
+    reported: AtomicI64,
+}
+
+impl ExternalMemory {
+    fn sync(&self, env: &Env, actual: MemoryUsage) {
+        let actual = actual.total_bytes.min(i64::MAX as u64) as i64;
+        let before = self.reported.swap(actual, Ordering::AcqRel);
+        if actual != before {
+            // Best effort: failing to inform the GC must not fail the call.
+            let _ = env.adjust_external_memory(actual - before);
+        }
+    }
+}
+
+fn bytes_option(name: &str, value: Option<f64>, default: u64) -> CoreResult<u64> {
+    match value {
+        None => Ok(default),
+        Some(v) if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= 9_007_199_254_740_991.0 => Ok(v as u64),
+        Some(v) => Err(Error::invalid_argument(format!(
+            "{name} is {v}; expected a whole number of at least 0"
+        ))),
+    }
+}
+
+fn config(options: Option<ModelCacheOptions>) -> CoreResult<CacheConfig> {
+    let o = options.unwrap_or(ModelCacheOptions {
+        max_models: None,
+        max_bytes: None,
+        ttl_ms: None,
+        cleanup_interval_ms: None,
+        device: None,
+        tensor_cache_bytes: None,
+        name: None,
+    });
+    let defaults = CacheConfig::default();
+    let millis = |name: &str, v: Option<f64>, default: Option<Duration>| -> CoreResult<Option<Duration>> {
+        let default_ms = default.map_or(0, |d| d.as_millis() as u64);
+        let ms = bytes_option(name, v, default_ms)?;
+        Ok((ms > 0).then(|| Duration::from_millis(ms)))
+    };
+    let max_bytes = bytes_option("maxBytes", o.max_bytes, defaults.max_bytes)?;
+    if max_bytes == 0 {
+        return Err(Error::invalid_argument(
+            "maxBytes is 0; no model would fit (note: 4 << 30 is 0 in JavaScript, write 4 * 2 ** 30)",
+        ));
+    }
+    let max_models = o.max_models.map_or(defaults.max_models, |n| n as usize);
+    if max_models == 0 {
+        return Err(Error::invalid_argument("maxModels must be at least 1"));
+    }
+    Ok(CacheConfig {
+        name: o.name.unwrap_or(defaults.name),
+        max_models,
+        max_bytes,
+        ttl: millis("ttlMs", o.ttl_ms, defaults.ttl)?,
+        cleanup_interval: millis("cleanupIntervalMs", o.cleanup_interval_ms, defaults.cleanup_interval)?,
+        device: match o.device {
+            Some(d) => d.parse::<DeviceRequest>()?,
+            None => defaults.device,
+        },
+        tensor_cache_bytes: bytes_option("tensorCacheBytes", o.tensor_cache_bytes, defaults.tensor_cache_bytes as u64)?
+            .try_into()
+            .map_err(|_| Error::invalid_argument("tensorCacheBytes is too large"))?,
+    })
+}
+
+/// A cache of neural models in host or GPU memory: the one owner of their memory. Models are
+/// evicted least-recently-used first when `maxModels` or `maxBytes` would be exceeded, expire
+/// after `ttlMs` unused, and are freed as soon as their in-flight predictions end.
+#[napi(custom_finalize)]
+pub struct ModelCache {
+    core: core::ModelCache,
+    external: Arc<ExternalMemory>,
+}
+
+#[napi]
+impl ModelCache {
+    /// Creates a cache. With `device: 'cuda'` and no usable GPU it throws `DEVICE_UNAVAILABLE`;
+    /// with `'auto'` it falls back to the CPU (see `device`).
+    #[napi(constructor, catch_unwind)]
+    pub fn new(env: Env, options: Option<ModelCacheOptions>) -> napi::Result<Self> {
+        let cache = config(options)
+            .and_then(core::ModelCache::new)
+            .map_err(|e| js_error(&env, e))?;
+        if let Some(sweep) = cache.sweeper() {
+            napi::bindgen_prelude::spawn(sweep);
+        }
+        Ok(ModelCache {
+            core: cache,
+            external: Arc::default(),
+        })
+    }
+
+    /// `'cpu'` or `'cuda:N'`: where every model of this cache runs.
+    #[napi(getter)]
+    pub fn device(&self) -> String {
+        self.core.device()
+    }
+
+    /// Loads model `id` from a safetensors file path (memory-mapped) or a Buffer, on a
+    /// background thread. If `id` is resident it is returned at once and `source` is not read;
+    /// concurrent loads of one id load it once. Rejects with `MODEL_NOT_FOUND`, `MODEL_FORMAT`,
+    /// `DEVICE_OUT_OF_MEMORY` or `INVALID_ARGUMENT` (larger than `maxBytes`).
+    #[napi(catch_unwind, ts_return_type = "Promise<Model>")]
+    pub fn load<'env>(
+        &self,
+        env: &'env Env,
+        id: String,
+        source: Either<String, Uint8ArraySlice>,
+    ) -> napi::Result<PromiseRaw<'env, Model>> {
+        let source = match source {
+            Either::A(path) => ModelSource::Path(path.into()),
+            Either::B(bytes) => ModelSource::Bytes(bytes.to_vec()),
+        };
+        let external = Arc::clone(&self.external);
+        let ttl = self.core.ttl();
+        spawn(env, self.core.load(id, source), move |env, handle: ModelHandle| {
+            external.sync(env, handle.cache_memory_usage());
+            Ok(Model::new(handle, external, ttl))
+        })
+    }
+
+    /// The resident model `id`, or `null` (counted as a hit or a miss).
+    #[napi]
+    pub fn get(&self, id: String) -> Option<Model> {
+        self.core
+            .get(&id)
+            .map(|h| Model::new(h, Arc::clone(&self.external), self.core.ttl()))
+    }
+
+    /// Evicts `id` now; its memory is freed when its in-flight predictions end. Handles to it
+    /// then fail with `MODEL_EVICTED`. Returns whether it was resident.
+    #[napi]
+    pub fn evict(&self, env: Env, id: String) -> bool {
+        let evicted = self.core.evict(&id);
+        self.external.sync(&env, self.core.memory_usage());
+        evicted
+    }
+
+    /// Evicts every expired model now; returns how many.
+    #[napi]
+    pub fn cleanup(&self, env: Env) -> u32 {
+        let n = self.core.cleanup();
+        self.external.sync(&env, self.core.memory_usage());
+        n as u32
+    }
+
+    /// Evicts every model; returns how many.
+    #[napi]
+    pub fn clear(&self, env: Env) -> u32 {
+        let n = self.core.clear();
+        self.external.sync(&env, self.core.memory_usage());
+        n as u32
+    }
+
+    /// Resident model ids, most recently used first.
+    #[napi]
+    pub fn ids(&self) -> Vec<String> {
+        self.core.ids()
+    }
+
+    /// Counts and bytes; `hitRate` is `hits / (hits + misses)`.
+    #[napi]
+    pub fn stats(&self, env: Env) -> ModelCacheStats {
+        let s = self.core.stats();
+        self.external.sync(&env, self.core.memory_usage());
+        ModelCacheStats {
+            models: s.models as u32,
+            hits: s.hits as f64,
+            misses: s.misses as f64,
+            hit_rate: s.hit_rate,
+            evictions: s.evictions as f64,
+            expirations: s.expirations as f64,
+            bytes: s.bytes as f64,
+            gpu_bytes: s.gpu_bytes as f64,
+            device: s.device,
+        }
+    }
+
+    /// Every byte the cache's models hold, including evicted models finishing a call.
+    #[napi]
+    pub fn memory_usage(&self) -> ModelMemoryUsage {
+        self.core.memory_usage().into()
+    }
+
+    /// Free and total memory of the cache's GPU after a device sync; `null` on the CPU.
+    #[napi(catch_unwind)]
+    pub fn device_memory(&self, env: Env) -> napi::Result<Option<DeviceMemory>> {
+        match self.core.device_memory() {
+            None => Ok(None),
+            Some(Ok((free, total))) => Ok(Some(DeviceMemory {
+                free: free as f64,
+                total: total as f64,
+            })),
+            Some(Err(e)) => Err(js_error(&env, e)),
+        }
+    }
+}
+
+impl ObjectFinalize for ModelCache {
+    fn finalize(self, env: Env) -> napi::Result<()> {
+        // The cache owns its models: dropping it frees every one not in flight.
+        let ModelCache { core, external } = self;
+        drop(core);
+        external.sync(&env, MemoryUsage::default());
+        Ok(())
+    }
+}
+
+/// A handle to a model in a `ModelCache`. It does not keep the model resident: once evicted,
+/// calls fail with `MODEL_EVICTED` (a prediction already running finishes first). Release it
+/// with `release()` or `using`; a collected handle is released too.
+#[napi(custom_finalize)]
+pub struct Model {
+    handle: Option<ModelHandle>,
+    info: core::ModelInfo,
+    external: Arc<ExternalMemory>,
+    _live: Option<LiveToken>,
+}
+
+impl Model {
+    fn new(handle: ModelHandle, external: Arc<ExternalMemory>, ttl: Option<Duration>) -> Model {
+        let info = handle.info().clone();
+        let live = Registry::global().live.track(LiveResource {
+            kind: "model",
+            name: info.id.clone(),
+            acquired_at: Instant::now(),
+            threshold: ttl.unwrap_or(Duration::from_secs(3600)),
+            stack: None,
+        });
+        Model {
+            handle: Some(handle),
+            info,
+            external,
+            _live: Some(live),
+        }
+    }
+
+    fn handle(&self) -> CoreResult<&ModelHandle> {
+        self.handle.as_ref().ok_or_else(|| {
+            Error::invalid_argument(format!("model '{}' handle was released", self.info.id))
+        })
+    }
+}
+
+#[napi]
+impl Model {
+    /// The id it was loaded under.
+    #[napi(getter)]
+    pub fn id(&self) -> String {
+        self.info.id.clone()
+    }
+
+    /// `'mlp'` or `'lstm'`.
+    #[napi(getter)]
+    pub fn arch(&self) -> String {
+        self.info.arch.to_string()
+    }
+
+    /// `'cpu'` or `'cuda:N'`.
+    #[napi(getter)]
+    pub fn device(&self) -> String {
+        self.info.device.clone()
+    }
+
+    /// Features per sample (MLP) or per time step (LSTM).
+    #[napi(getter)]
+    pub fn input_size(&self) -> u32 {
+        self.info.input_size as u32
+    }
+
+    /// Outputs per sample.
+    #[napi(getter)]
+    pub fn output_size(&self) -> u32 {
+        self.info.output_size as u32
+    }
+
+    /// Time steps per sample (1 for an MLP). An input holds `batch × sequenceLength × inputSize`
+    /// floats, sample-major then step-major.
+    #[napi(getter)]
+    pub fn sequence_length(&self) -> u32 {
+        self.info.sequence_length as u32
+    }
+
+    /// True while the model is in the cache and this handle is not released.
+    #[napi(getter)]
+    pub fn resident(&self) -> bool {
+        self.handle.as_ref().is_some_and(ModelHandle::is_resident)
+    }
+
+    /// Runs the model on a background thread. Input: `Float32Array` of `batch × sequenceLength ×
+    /// inputSize` floats; output: `batch × outputSize`. Rejects with `INVALID_ARGUMENT` (input
+    /// length, saying expected vs got) or `MODEL_EVICTED`.
+    #[napi(catch_unwind, ts_return_type = "Promise<Float32Array>")]
+    pub fn predict<'env>(
+        &self,
+        env: &'env Env,
+        input: Float32ArraySlice,
+        options: Option<PredictOptions>,
+    ) -> napi::Result<PromiseRaw<'env, Float32ArraySlice<'env>>> {
+        let batch = options.and_then(|o| o.batch);
+        // The input is copied into the model's workspace here, on the main thread; the future
+        // owns everything it touches.
+        let prepared = self.handle().and_then(|h| h.prepare(input.len(), batch)).map(|mut p| {
+            p.input_mut().copy_from_slice(&input);
+            p
+        });
+        let external = Arc::clone(&self.external);
+        let handle = self.handle.clone();
+        spawn(
+            env,
+            async move {
+                let mut p = prepared?;
+                p.run()?;
+                Ok(p)
+            },
+            move |env, p| {
+                let out = Float32ArraySlice::copy_from(env, p.output());
+                drop(p);
+                if let Some(h) = handle {
+                    external.sync(env, h.cache_memory_usage());
+                }
+                out
+            },
+        )
+    }
+
+    /// `predict` on the calling thread, for tiny models where the hop to a worker costs more
+    /// than the work. Throws the same errors.
+    #[napi(catch_unwind)]
+    pub fn predict_sync<'env>(
+        &self,
+        env: &'env Env,
+        input: Float32ArraySlice,
+        options: Option<PredictOptions>,
+    ) -> napi::Result<Float32ArraySlice<'env>> {
+        let batch = options.and_then(|o| o.batch);
+        let run = || -> CoreResult<core::Prediction> {
+            let mut p = self.handle()?.prepare(input.len(), batch)?;
+            p.input_mut().copy_from_slice(&input);
+            p.run()?;
+            Ok(p)
+        };
+        let p = run().map_err(|e| js_error(env, e))?;
+        Float32ArraySlice::copy_from(env, p.output())
+    }
+
+    /// Bytes the model holds now; all zero once it is evicted and its last call has ended.
+    #[napi]
+    pub fn memory_usage(&self) -> ModelMemoryUsage {
+        self.handle
+            .as_ref()
+            .map(ModelHandle::memory_usage)
+            .unwrap_or_default()
+            .into()
+    }
+
+    /// Releases the handle (idempotent). The model stays in the cache for other callers.
+    #[napi]
+    pub fn release(&mut self, env: Env) {
+        if let Some(h) = self.handle.take() {
+            self._live = None;
+            self.external.sync(&env, h.cache_memory_usage());
+        }
+    }
+
+    /// `using model = await cache.load(…)` releases the handle at the end of the scope.
+    #[napi(well_known_symbol = "dispose")]
+    pub fn dispose(&mut self, env: Env) {
+        self.release(env);
+    }
+}
+
+impl ObjectFinalize for Model {
+    fn finalize(mut self, env: Env) -> napi::Result<()> {
+        self.release(env);
+        Ok(())
+    }
+}

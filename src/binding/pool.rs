@@ -1,0 +1,701 @@
+//! `ConnectionPool` and `PooledConnection`: thin JS classes over `pool::Pool` and `pool::Lease`.
+
+use std::cell::Cell;
+use std::ptr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use napi::bindgen_prelude::{JsObjectValue, PromiseRaw, Unknown};
+use napi::{sys, Env, JsValue};
+use napi_derive::napi;
+
+use super::{js_error, runtime, spawn};
+use super::values::{self, Reply, Rows};
+use crate::error::{Error, Result as CoreResult};
+use crate::metrics::Registry;
+use crate::pool::config::{Int8Mode, PoolConfig, PoolOptions as CoreOptions};
+use crate::pool::{self, Lease, Operation, Outcome, Pool, Value};
+
+/// TLS settings for PostgreSQL (and `rediss://`).
+#[napi(object)]
+pub struct TlsOptions {
+    /// `disable` | `prefer` | `require` | `verify-ca` | `verify-full`. Default `verify-full` when `ca` is given.
+    pub mode: Option<String>,
+    /// PEM text of the CA certificate(s) to trust (default: the Mozilla root store).
+    pub ca: Option<String>,
+}
+
+/// Options for a `ConnectionPool`. Every duration is in milliseconds.
+#[napi(object)]
+pub struct PoolOptions {
+    /// `postgres://…`, `postgresql://…` (multi-host and `target_session_attrs` allowed),
+    /// `sqlite:PATH`, `sqlite::memory:`, `redis://…` or `rediss://…`.
+    pub url: String,
+    /// Most connections open at once, 1..10000. Default 10.
+    pub max_size: Option<f64>,
+    /// Connections kept open and warm even when idle. Default 0.
+    pub min_idle: Option<f64>,
+    /// One deadline for wait + connect + validate. Default 5000.
+    pub acquire_timeout_ms: Option<f64>,
+    /// Bound on opening one connection (TCP, TLS and authentication). Default 5000.
+    pub connect_timeout_ms: Option<f64>,
+    /// Connections are retired after this age, less up to 10 % jitter. 0 = never. Default 3 600 000.
+    pub max_lifetime_ms: Option<f64>,
+    /// Idle connections above `minIdle` close after this long. 0 = never. Default 600 000.
+    pub idle_timeout_ms: Option<f64>,
+    /// Idle connections are pinged this often so firewalls and PgBouncer keep them. 0 = off. Default 60 000.
+    pub keepalive_ms: Option<f64>,
+    /// Callers allowed to queue for a connection; beyond it acquire fails at once with `POOL_EXHAUSTED`. Default 10 000.
+    pub max_waiting: Option<f64>,
+    /// A lease held longer is reported by `leaks()` with the stack of its acquire. 0 = off (default).
+    pub leak_detection_ms: Option<f64>,
+    /// Prepared statements cached per connection. Turn off for PgBouncer transaction mode. Default true.
+    pub statement_cache: Option<bool>,
+    /// TLS settings; `sslmode` in the URL is honoured too.
+    pub tls: Option<TlsOptions>,
+    /// Label in metrics. Default: the backend name (`postgres`, `sqlite`, `redis`).
+    pub name: Option<String>,
+    /// How int8 columns arrive: `bigint` (default) or `string`.
+    pub int8: Option<String>,
+}
+
+/// Rows of one statement.
+#[napi(object, object_from_js = false)]
+pub struct QueryResult {
+    /// One object per row, keyed by column name.
+    pub rows: Rows,
+    /// Rows returned (or affected, for statements without a result set).
+    pub row_count: f64,
+    /// Column names, in order.
+    pub fields: Vec<String>,
+}
+
+/// Outcome of a statement run for its effect.
+#[napi(object, object_from_js = false)]
+pub struct ExecuteResult {
+    /// Rows inserted, updated or deleted.
+    pub row_count: f64,
+    /// SQLite: rowid of the last insert. Absent for other backends.
+    pub last_insert_id: Option<f64>,
+}
+
+/// Occupancy right now.
+#[napi(object, object_from_js = false)]
+pub struct PoolStatus {
+    pub max_size: u32,
+    pub size: u32,
+    pub idle: u32,
+    pub in_use: u32,
+    pub waiting: u32,
+}
+
+/// Latency percentiles in milliseconds.
+#[napi(object, object_from_js = false)]
+pub struct LatencyPercentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl From<crate::metrics::Percentiles> for LatencyPercentiles {
+    fn from(p: crate::metrics::Percentiles) -> Self {
+        LatencyPercentiles {
+            p50: p.p50,
+            p90: p.p90,
+            p95: p.p95,
+            p99: p.p99,
+            max: p.max,
+        }
+    }
+}
+
+/// Counters since the pool was created, and latency percentiles.
+#[napi(object, object_from_js = false)]
+pub struct PoolMetrics {
+    pub max_size: f64,
+    pub current_size: f64,
+    /// Idle connections ready for use.
+    pub available: f64,
+    pub in_use: f64,
+    pub waiting: f64,
+    pub total_gets: f64,
+    pub successful_gets: f64,
+    /// Acquires that ran out of `acquireTimeoutMs`.
+    pub timeouts: f64,
+    /// Connect failures and failed statements.
+    pub errors: f64,
+    /// Percent of gets that succeeded.
+    pub success_rate: f64,
+    pub uptime_seconds: f64,
+    /// Connections opened.
+    pub created: f64,
+    /// Connections retired for age (`maxLifetimeMs`) or idleness (`idleTimeoutMs`).
+    pub recycled: f64,
+    /// Connections closed for any reason.
+    pub destroyed: f64,
+    /// Leases collected by the garbage collector without `release()`.
+    pub leaked_leases: f64,
+    /// Acquires refused at once because `maxWaiting` callers were queued.
+    pub rejected: f64,
+    /// Time to check out a connection.
+    pub acquire: LatencyPercentiles,
+    /// Time a lease was held.
+    pub usage: LatencyPercentiles,
+    /// Time a statement or command took on its connection.
+    pub query: LatencyPercentiles,
+}
+
+/// `healthy` / `degraded` / `unhealthy` with the figures behind it.
+#[napi(object, object_from_js = false)]
+pub struct PoolHealth {
+    #[napi(ts_type = "'healthy' | 'degraded' | 'unhealthy'")]
+    pub status: String,
+    /// 0..100.
+    pub health_score: f64,
+    pub available_connections: f64,
+    pub waiting_requests: f64,
+    pub utilization_percent: f64,
+}
+
+/// Sizing or usage advice from observed waits, timeouts and utilisation.
+#[napi(object, object_from_js = false)]
+pub struct PoolRecommendation {
+    /// `increase-max-size`, `decrease-max-size`, `connect-failures`, `leaked-leases` or `ok`.
+    pub kind: String,
+    #[napi(ts_type = "'info' | 'warning'")]
+    pub severity: String,
+    pub message: String,
+    pub suggested_max_size: Option<f64>,
+}
+
+/// A lease held past `leakDetectionMs`.
+#[napi(object, object_from_js = false)]
+pub struct LeaseLeak {
+    pub pool: String,
+    pub age_ms: f64,
+    /// The JavaScript stack of the `acquire()` call.
+    pub stack: Option<String>,
+}
+
+/// Options for `close()`.
+#[napi(object)]
+pub struct CloseOptions {
+    /// How long queued and running work may take before sockets are closed. Default 10 000.
+    pub timeout_ms: Option<f64>,
+}
+
+/// A pool of PostgreSQL, SQLite or Redis connections kept inside Rust. One native call per
+/// `query`/`execute`/`command`: checkout, run and return happen without crossing into JS.
+#[napi]
+pub struct ConnectionPool {
+    pool: Pool,
+    int8: Int8Mode,
+}
+
+fn core_options(o: PoolOptions) -> CoreOptions {
+    let (tls_mode, tls_ca) = match o.tls {
+        Some(t) => (t.mode, t.ca),
+        None => (None, None),
+    };
+    CoreOptions {
+        url: o.url,
+        max_size: o.max_size,
+        min_idle: o.min_idle,
+        acquire_timeout_ms: o.acquire_timeout_ms,
+        connect_timeout_ms: o.connect_timeout_ms,
+        max_lifetime_ms: o.max_lifetime_ms,
+        idle_timeout_ms: o.idle_timeout_ms,
+        keepalive_ms: o.keepalive_ms,
+        max_waiting: o.max_waiting,
+        leak_detection_ms: o.leak_detection_ms,
+        statement_cache: o.statement_cache,
+        tls_mode,
+        tls_ca,
+        name: o.name,
+        int8: o.int8,
+    }
+}
+
+/// A rejected promise for input errors, so `.catch()` sees them like any other failure.
+fn reject<'e, V: napi::bindgen_prelude::ToNapiValue + 'static>(env: &'e Env, err: Error) -> napi::Result<PromiseRaw<'e, V>> {
+    spawn(env, async move { Err::<(), _>(err) }, |_, ()| unreachable_value())
+}
+
+fn unreachable_value<V>() -> napi::Result<V> {
+    Err(napi::Error::from_reason("unreachable: a rejected operation produced a value"))
+}
+
+fn rows(result: pool::QueryResult, int8: Int8Mode) -> QueryResult {
+    QueryResult {
+        row_count: result.row_count as f64,
+        fields: result.columns.to_vec(),
+        rows: Rows { result, int8 },
+    }
+}
+
+fn done(result: pool::ExecuteResult) -> ExecuteResult {
+    ExecuteResult {
+        row_count: result.row_count as f64,
+        last_insert_id: result.last_insert_id.map(|i| i as f64),
+    }
+}
+
+fn raw(v: &Option<Unknown<'_>>) -> Option<sys::napi_value> {
+    v.as_ref().map(|u| u.raw())
+}
+
+/// Reads `[[name, ...args], ...]`.
+fn pipeline_from_js(env: &Env, commands: sys::napi_value) -> CoreResult<Vec<(String, Vec<Value>)>> {
+    let n = values::array_length(env, commands)?;
+    let mut out = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let cmd = values::element_at(env, commands, i)?;
+        let len = values::array_length(env, cmd)
+            .map_err(|_| Error::invalid_argument(format!("commands[{i}] must be an array [name, ...args]")))?;
+        if len == 0 {
+            return Err(Error::invalid_argument(format!("commands[{i}] is empty")));
+        }
+        let name = values::string_at(env, cmd, 0, &format!("commands[{i}][0]"))?;
+        let mut args = values::values_from_array(env, cmd, &format!("commands[{i}]"))?;
+        args.remove(0);
+        out.push((name, args));
+    }
+    Ok(out)
+}
+
+/// The JS stack of the caller, taken only when leak detection wants it.
+fn capture_stack(env: &Env, wanted: bool) -> Option<String> {
+    if !wanted {
+        return None;
+    }
+    let err = env.create_error(napi::Error::from_reason("acquired here")).ok()?;
+    let stack: Option<String> = err.get_named_property("stack").ok();
+    stack.map(|s| s.lines().skip(1).map(str::trim).collect::<Vec<_>>().join("\n"))
+}
+
+#[napi]
+impl ConnectionPool {
+    /// Validates the options (`INVALID_ARGUMENT` names the bad one) and starts the pool.
+    /// Connections open lazily, except `minIdle` which are warmed in the background.
+    #[napi(constructor)]
+    pub fn new(env: Env, options: PoolOptions) -> napi::Result<Self> {
+        let config = PoolConfig::from_options(core_options(options)).map_err(|e| js_error(&env, e))?;
+        let int8 = config.int8;
+        let pool = Pool::new(config, Registry::global(), runtime()).map_err(|e| js_error(&env, e))?;
+        Ok(ConnectionPool { pool, int8 })
+    }
+
+    /// The pool's label in metrics (made unique per process).
+    #[napi(getter)]
+    pub fn name(&self) -> String {
+        self.pool.name().to_string()
+    }
+
+    /// `postgres`, `sqlite` or `redis`.
+    #[napi(getter)]
+    pub fn backend(&self) -> String {
+        self.pool.config().target.backend().to_string()
+    }
+
+    /// Runs one statement on a pooled connection and returns its rows.
+    #[napi(ts_args_type = "sql: string, params?: unknown[]", ts_return_type = "Promise<QueryResult>")]
+    pub fn query<'e>(&self, env: &'e Env, sql: String, params: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, QueryResult>> {
+        let params = match values::params_from_js(env, raw(&params)) {
+            Ok(p) => p,
+            Err(e) => return reject(env, e),
+        };
+        let pool = self.pool.clone();
+        let int8 = self.int8;
+        spawn(env, async move { pool.query(&sql, &params).await }, move |_, r| Ok(rows(r, int8)))
+    }
+
+    /// Runs one statement for its effect and returns the rows affected.
+    #[napi(ts_args_type = "sql: string, params?: unknown[]", ts_return_type = "Promise<ExecuteResult>")]
+    pub fn execute<'e>(&self, env: &'e Env, sql: String, params: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
+        let params = match values::params_from_js(env, raw(&params)) {
+            Ok(p) => p,
+            Err(e) => return reject(env, e),
+        };
+        let pool = self.pool.clone();
+        spawn(env, async move { pool.execute(&sql, &params).await }, |_, r| Ok(done(r)))
+    }
+
+    /// Redis: runs one command, e.g. `command('SET', ['k', 'v'])`.
+    #[napi(ts_args_type = "name: string, args?: Array<string | number | bigint | Buffer>", ts_return_type = "Promise<unknown>")]
+    pub fn command<'e>(&self, env: &'e Env, name: String, args: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, Reply>> {
+        let args = match values::params_from_js(env, raw(&args)) {
+            Ok(a) => a,
+            Err(e) => return reject(env, e),
+        };
+        let pool = self.pool.clone();
+        spawn(env, async move { pool.command(&name, &args).await }, |_, v| Ok(Reply(v)))
+    }
+
+    /// Redis: sends several commands in one round trip, e.g. `pipeline([['SET','k','v'], ['GET','k']])`.
+    #[napi(ts_args_type = "commands: Array<[string, ...Array<string | number | bigint | Buffer>]>", ts_return_type = "Promise<unknown[]>")]
+    pub fn pipeline<'e>(&self, env: &'e Env, commands: Unknown<'e>) -> napi::Result<PromiseRaw<'e, Reply>> {
+        let commands = match pipeline_from_js(env, commands.raw()) {
+            Ok(c) => c,
+            Err(e) => return reject(env, e),
+        };
+        let pool = self.pool.clone();
+        spawn(
+            env,
+            async move { pool.run(&Operation::Pipeline(&commands)).await },
+            |_, out| match out {
+                Outcome::Replies(v) => Ok(Reply(Value::Array(v))),
+                _ => unreachable_value(),
+            },
+        )
+    }
+
+    /// Checks out a connection for several statements (a transaction, session state).
+    /// Release it with `release()`, `using` or `await using`; a lease the garbage collector
+    /// finds unreleased is rolled back, returned and counted in `leakedLeases`.
+    #[napi(ts_return_type = "Promise<PooledConnection>")]
+    pub fn acquire<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, PooledConnection>> {
+        let pool = self.pool.clone();
+        let stack = capture_stack(env, !pool.config().leak_detection.is_zero());
+        let int8 = self.int8;
+        spawn(env, async move { pool.acquire(stack).await }, move |_, lease| Ok(PooledConnection::new(lease, int8)))
+    }
+
+    /// An idle connection right now, or `null`. Never waits, connects or validates.
+    #[napi]
+    pub fn try_acquire(&self, env: Env) -> napi::Result<Option<PooledConnection>> {
+        let stack = capture_stack(&env, !self.pool.config().leak_detection.is_zero());
+        match self.pool.try_acquire(stack) {
+            Ok(lease) => Ok(lease.map(|l| PooledConnection::new(l, self.int8))),
+            Err(e) => Err(js_error(&env, e)),
+        }
+    }
+
+    /// Runs `fn` inside a transaction on one connection: BEGIN, then COMMIT when `fn`
+    /// resolves or ROLLBACK when it throws (MULTI/EXEC/DISCARD on Redis). Resolves with
+    /// what `fn` returned. The connection is released either way.
+    #[napi(ts_args_type = "fn: (tx: PooledConnection) => Promise<T>", ts_return_type = "Promise<T>", ts_generic_types = "T")]
+    pub fn transaction(&self, env: Env, this: napi::bindgen_prelude::This, callback: Unknown) -> napi::Result<Unknown<'_>> {
+        let redis = self.pool.config().target.backend() == "redis";
+        let helper = transaction_helper(&env)?;
+        let raw_env = env.raw();
+        let mut redis_flag = ptr::null_mut();
+        let mut out = ptr::null_mut();
+        unsafe {
+            sys::napi_get_boolean(raw_env, redis, &mut redis_flag);
+            let argv = [this.object.raw(), callback.raw(), redis_flag];
+            let mut undefined = ptr::null_mut();
+            sys::napi_get_undefined(raw_env, &mut undefined);
+            let status = sys::napi_call_function(raw_env, undefined, helper, argv.len(), argv.as_ptr(), &mut out);
+            if status != sys::Status::napi_ok {
+                return Err(napi::Error::from_reason("transaction could not start"));
+            }
+            Ok(Unknown::from_raw_unchecked(raw_env, out))
+        }
+    }
+
+    /// Occupancy right now.
+    #[napi]
+    pub fn status(&self) -> PoolStatus {
+        let s = self.pool.status();
+        PoolStatus {
+            max_size: s.max_size as u32,
+            size: s.size as u32,
+            idle: s.idle as u32,
+            in_use: s.in_use as u32,
+            waiting: s.waiting as u32,
+        }
+    }
+
+    /// Counters and latency percentiles since the pool was created.
+    #[napi]
+    pub fn metrics(&self) -> PoolMetrics {
+        let m = self.pool.metrics();
+        PoolMetrics {
+            max_size: m.max_size as f64,
+            current_size: m.current_size as f64,
+            available: m.available as f64,
+            in_use: m.in_use as f64,
+            waiting: m.waiting as f64,
+            total_gets: m.total_gets as f64,
+            successful_gets: m.successful_gets as f64,
+            timeouts: m.timeouts as f64,
+            errors: m.errors as f64,
+            success_rate: m.success_rate,
+            uptime_seconds: m.uptime_seconds,
+            created: m.created as f64,
+            recycled: m.recycled as f64,
+            destroyed: m.destroyed as f64,
+            leaked_leases: m.leaked_leases as f64,
+            rejected: m.rejected as f64,
+            acquire: m.acquire.into(),
+            usage: m.usage.into(),
+            query: m.query.into(),
+        }
+    }
+
+    /// Health score and status from saturation, queueing and failures.
+    #[napi]
+    pub fn health(&self) -> PoolHealth {
+        let h = self.pool.health();
+        PoolHealth {
+            status: h.status.as_str().to_string(),
+            health_score: h.health_score,
+            available_connections: h.available_connections as f64,
+            waiting_requests: h.waiting_requests as f64,
+            utilization_percent: h.utilization_percent,
+        }
+    }
+
+    /// Sizing advice from observed waits, timeouts and utilisation.
+    #[napi]
+    pub fn recommendations(&self) -> Vec<PoolRecommendation> {
+        self.pool
+            .recommendations()
+            .into_iter()
+            .map(|r| PoolRecommendation {
+                kind: r.kind.to_string(),
+                severity: r.severity.to_string(),
+                message: r.message,
+                suggested_max_size: r.suggested_max_size.map(|s| s as f64),
+            })
+            .collect()
+    }
+
+    /// Leases of this pool held longer than `leakDetectionMs`, oldest first.
+    #[napi]
+    pub fn leaks(&self) -> Vec<LeaseLeak> {
+        let now = std::time::Instant::now();
+        self.pool
+            .overdue_leases()
+            .into_iter()
+            .map(|r| LeaseLeak {
+                pool: r.name,
+                age_ms: now.saturating_duration_since(r.acquired_at).as_secs_f64() * 1000.0,
+                stack: r.stack,
+            })
+            .collect()
+    }
+
+    /// Changes `maxSize` (1..10000). Idle connections beyond it close at once, busy ones on return.
+    #[napi]
+    pub fn resize(&self, env: Env, max_size: f64) -> napi::Result<()> {
+        let size = if max_size.fract() == 0.0 && max_size >= 0.0 { max_size as usize } else { 0 };
+        self.pool.resize(size).map_err(|e| js_error(&env, e))
+    }
+
+    /// Refuses new work, lets queued and running work finish within `timeoutMs`
+    /// (default 10 000), then closes every connection.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn close<'e>(&self, env: &'e Env, options: Option<CloseOptions>) -> napi::Result<PromiseRaw<'e, ()>> {
+        let timeout_ms = options.and_then(|o| o.timeout_ms).unwrap_or(10_000.0);
+        if !timeout_ms.is_finite() || timeout_ms < 0.0 {
+            return reject(env, Error::invalid_argument("close timeoutMs must be a non-negative number"));
+        }
+        let pool = self.pool.clone();
+        spawn(env, async move { pool.close(Duration::from_secs_f64(timeout_ms / 1000.0)).await }, |_, ()| Ok(()))
+    }
+}
+
+thread_local! {
+    /// The compiled transaction helper, per Node environment (one per thread).
+    static TRANSACTION_HELPER: Cell<Option<(sys::napi_env, sys::napi_ref)>> = const { Cell::new(None) };
+}
+
+const TRANSACTION_JS: &str = r#"(async function transaction(pool, fn, redis) {
+  if (typeof fn !== 'function') {
+    const err = new TypeError('transaction(fn) needs a function');
+    err.code = 'INVALID_ARGUMENT';
+    throw err;
+  }
+  const tx = await pool.acquire();
+  const run = (sql) => (redis ? tx.command(sql) : tx.query(sql));
+  try {
+    await run(redis ? 'MULTI' : 'BEGIN');
+    let result;
+    try {
+      result = await fn(tx);
+    } catch (err) {
+      try { await run(redis ? 'DISCARD' : 'ROLLBACK'); } catch (_) { /* the release below resets the connection */ }
+      throw err;
+    }
+    const committed = await run(redis ? 'EXEC' : 'COMMIT');
+    return redis && result === undefined ? committed : result;
+  } finally {
+    tx.release();
+  }
+})"#;
+
+fn transaction_helper(env: &Env) -> napi::Result<sys::napi_value> {
+    let raw_env = env.raw();
+    if let Some((owner, reference)) = TRANSACTION_HELPER.with(Cell::get) {
+        if owner == raw_env {
+            let mut value = ptr::null_mut();
+            if unsafe { sys::napi_get_reference_value(raw_env, reference, &mut value) } == sys::Status::napi_ok {
+                return Ok(value);
+            }
+        }
+    }
+    let function: Unknown = env.run_script(TRANSACTION_JS)?;
+    let mut reference = ptr::null_mut();
+    unsafe { sys::napi_create_reference(raw_env, function.raw(), 1, &mut reference) };
+    TRANSACTION_HELPER.with(|c| c.set(Some((raw_env, reference))));
+    Ok(function.raw())
+}
+
+/// A connection checked out of a pool. Use `release()` (or `using` / `await using`);
+/// statements on one lease run in order.
+#[napi]
+pub struct PooledConnection {
+    lease: Arc<tokio::sync::Mutex<Lease>>,
+    int8: Int8Mode,
+}
+
+impl PooledConnection {
+    fn new(lease: Lease, int8: Int8Mode) -> Self {
+        PooledConnection {
+            lease: Arc::new(tokio::sync::Mutex::new(lease)),
+            int8,
+        }
+    }
+
+    fn run<'e, V, C>(&self, env: &'e Env, op: OwnedOperation, convert: C) -> napi::Result<PromiseRaw<'e, V>>
+    where
+        V: napi::bindgen_prelude::ToNapiValue + 'static,
+        C: FnOnce(Outcome) -> napi::Result<V> + Send + 'static,
+    {
+        let lease = Arc::clone(&self.lease);
+        spawn(
+            env,
+            async move {
+                let mut lease = lease.lock().await;
+                lease.connection()?.run(&op.borrow()).await
+            },
+            move |_, out| convert(out),
+        )
+    }
+
+    fn finish(&self, leaked: bool) {
+        let finish = move |lease: &mut Lease| if leaked { lease.abandon() } else { lease.release() };
+        match self.lease.try_lock() {
+            Ok(mut lease) => finish(&mut lease),
+            Err(_) => {
+                // A statement is still running: release when it ends.
+                let lease = Arc::clone(&self.lease);
+                runtime().spawn(async move { finish(&mut *lease.lock().await) });
+            }
+        }
+    }
+}
+
+/// An operation whose text and values the future owns.
+enum OwnedOperation {
+    Query(String, Vec<Value>),
+    Execute(String, Vec<Value>),
+    Command(String, Vec<Value>),
+    Pipeline(Vec<(String, Vec<Value>)>),
+}
+
+impl OwnedOperation {
+    fn borrow(&self) -> Operation<'_> {
+        match self {
+            OwnedOperation::Query(s, p) => Operation::Query(s, p),
+            OwnedOperation::Execute(s, p) => Operation::Execute(s, p),
+            OwnedOperation::Command(s, p) => Operation::Command(s, p),
+            OwnedOperation::Pipeline(c) => Operation::Pipeline(c),
+        }
+    }
+}
+
+#[napi]
+impl PooledConnection {
+    /// Runs one statement on this connection and returns its rows.
+    #[napi(ts_args_type = "sql: string, params?: unknown[]", ts_return_type = "Promise<QueryResult>")]
+    pub fn query<'e>(&self, env: &'e Env, sql: String, params: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, QueryResult>> {
+        let params = match values::params_from_js(env, raw(&params)) {
+            Ok(p) => p,
+            Err(e) => return reject(env, e),
+        };
+        let int8 = self.int8;
+        self.run(env, OwnedOperation::Query(sql, params), move |out| Ok(rows(out.into_rows(), int8)))
+    }
+
+    /// Runs one statement for its effect on this connection.
+    #[napi(ts_args_type = "sql: string, params?: unknown[]", ts_return_type = "Promise<ExecuteResult>")]
+    pub fn execute<'e>(&self, env: &'e Env, sql: String, params: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
+        let params = match values::params_from_js(env, raw(&params)) {
+            Ok(p) => p,
+            Err(e) => return reject(env, e),
+        };
+        self.run(env, OwnedOperation::Execute(sql, params), |out| match out {
+            Outcome::Done(d) => Ok(done(d)),
+            _ => unreachable_value(),
+        })
+    }
+
+    /// Redis: runs one command on this connection.
+    #[napi(ts_args_type = "name: string, args?: Array<string | number | bigint | Buffer>", ts_return_type = "Promise<unknown>")]
+    pub fn command<'e>(&self, env: &'e Env, name: String, args: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, Reply>> {
+        let args = match values::params_from_js(env, raw(&args)) {
+            Ok(a) => a,
+            Err(e) => return reject(env, e),
+        };
+        self.run(env, OwnedOperation::Command(name, args), |out| match out {
+            Outcome::Reply(v) => Ok(Reply(v)),
+            _ => unreachable_value(),
+        })
+    }
+
+    /// Redis: several commands in one round trip on this connection.
+    #[napi(ts_args_type = "commands: Array<[string, ...Array<string | number | bigint | Buffer>]>", ts_return_type = "Promise<unknown[]>")]
+    pub fn pipeline<'e>(&self, env: &'e Env, commands: Unknown<'e>) -> napi::Result<PromiseRaw<'e, Reply>> {
+        let commands = match pipeline_from_js(env, commands.raw()) {
+            Ok(c) => c,
+            Err(e) => return reject(env, e),
+        };
+        self.run(env, OwnedOperation::Pipeline(commands), |out| match out {
+            Outcome::Replies(v) => Ok(Reply(Value::Array(v))),
+            _ => unreachable_value(),
+        })
+    }
+
+    /// True once released; further calls fail with `POOL_CLOSED`.
+    #[napi(getter)]
+    pub fn released(&self) -> bool {
+        self.lease.try_lock().map(|l| l.is_released()).unwrap_or(false)
+    }
+
+    /// Returns the connection to its pool (rolled back first if a transaction may be open).
+    /// Safe to call more than once.
+    #[napi]
+    pub fn release(&self) {
+        self.finish(false);
+    }
+
+    /// `using conn = …` releases here.
+    #[napi(well_known_symbol = "dispose")]
+    pub fn dispose(&self) {
+        self.finish(false);
+    }
+
+    /// `await using conn = …` releases here.
+    #[napi(well_known_symbol = "asyncDispose", ts_return_type = "Promise<void>")]
+    pub fn async_dispose<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, ()>> {
+        self.finish(false);
+        spawn(env, async { Ok(()) }, |_, ()| Ok(()))
+    }
+}
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        // Collected by the GC: a lease still held was never released.
+        let held = match self.lease.try_lock() {
+            Ok(l) => !l.is_released(),
+            Err(_) => true,
+        };
+        if held {
+            self.finish(true);
+        }
+    }
+}

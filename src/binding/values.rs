@@ -1,0 +1,427 @@
+//! JavaScript <-> `Value`: parameters in, rows and replies out. Raw N-API calls keep the hot
+//! path to one call per cell.
+
+use std::ptr;
+
+use napi::bindgen_prelude::{ToNapiValue, TypeName, ValidateNapiValue};
+use napi::{sys, Env, ValueType};
+
+use crate::error::Error;
+use crate::pool::config::Int8Mode;
+use crate::pool::value::{QueryResult, Value};
+
+type Raw = sys::napi_value;
+
+const MAX_DEPTH: usize = 64;
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+
+fn check(status: sys::napi_status, what: &str) -> napi::Result<()> {
+    if status == sys::Status::napi_ok {
+        Ok(())
+    } else {
+        Err(napi::Error::from_reason(format!("N-API call failed: {what}")))
+    }
+}
+
+/// Reads the `params` argument: `undefined`/`null` or an array of values.
+pub(crate) fn params_from_js(env: &Env, params: Option<Raw>) -> Result<Vec<Value>, Error> {
+    let Some(array) = params else { return Ok(Vec::new()) };
+    let env = env.raw();
+    let kind = type_of(env, array)?;
+    if kind == ValueType::Undefined || kind == ValueType::Null {
+        return Ok(Vec::new());
+    }
+    if !is_array(env, array) {
+        return Err(Error::invalid_argument("params must be an array"));
+    }
+    let len = array_len(env, array)?;
+    let mut out = Vec::with_capacity(len as usize);
+    for i in 0..len {
+        let item = element(env, array, i)?;
+        out.push(value_from_js(env, item, 0).map_err(|e| Error::invalid_argument(format!("parameter ${}: {}", i + 1, e.message)))?);
+    }
+    Ok(out)
+}
+
+fn internal(what: &str) -> Error {
+    Error::internal(format!("could not read a JavaScript value ({what})"))
+}
+
+fn type_of(env: sys::napi_env, v: Raw) -> Result<ValueType, Error> {
+    let mut t = 0;
+    if unsafe { sys::napi_typeof(env, v, &mut t) } != sys::Status::napi_ok {
+        return Err(internal("typeof"));
+    }
+    Ok(ValueType::from(t))
+}
+
+fn is_array(env: sys::napi_env, v: Raw) -> bool {
+    let mut yes = false;
+    unsafe { sys::napi_is_array(env, v, &mut yes) };
+    yes
+}
+
+fn array_len(env: sys::napi_env, v: Raw) -> Result<u32, Error> {
+    let mut len = 0;
+    if unsafe { sys::napi_get_array_length(env, v, &mut len) } != sys::Status::napi_ok {
+        return Err(internal("array length"));
+    }
+    Ok(len)
+}
+
+fn element(env: sys::napi_env, v: Raw, i: u32) -> Result<Raw, Error> {
+    let mut item = ptr::null_mut();
+    if unsafe { sys::napi_get_element(env, v, i, &mut item) } != sys::Status::napi_ok {
+        return Err(internal("array element"));
+    }
+    Ok(item)
+}
+
+fn string_from_js(env: sys::napi_env, v: Raw) -> Result<String, Error> {
+    let mut len = 0;
+    if unsafe { sys::napi_get_value_string_utf8(env, v, ptr::null_mut(), 0, &mut len) } != sys::Status::napi_ok {
+        return Err(internal("string length"));
+    }
+    let mut buf = vec![0u8; len + 1];
+    let mut written = 0;
+    if unsafe { sys::napi_get_value_string_utf8(env, v, buf.as_mut_ptr().cast(), len + 1, &mut written) }
+        != sys::Status::napi_ok
+    {
+        return Err(internal("string"));
+    }
+    buf.truncate(written);
+    String::from_utf8(buf).map_err(|_| internal("utf-8"))
+}
+
+fn value_from_js(env: sys::napi_env, v: Raw, depth: usize) -> Result<Value, Error> {
+    if depth > MAX_DEPTH {
+        return Err(Error::invalid_argument("value nests deeper than 64 levels"));
+    }
+    match type_of(env, v)? {
+        ValueType::Undefined | ValueType::Null => Ok(Value::Null),
+        ValueType::Boolean => {
+            let mut b = false;
+            unsafe { sys::napi_get_value_bool(env, v, &mut b) };
+            Ok(Value::Bool(b))
+        }
+        ValueType::Number => {
+            let mut f = 0.0;
+            unsafe { sys::napi_get_value_double(env, v, &mut f) };
+            if f.fract() == 0.0 && f.abs() <= MAX_SAFE_INTEGER {
+                Ok(Value::Int(f as i64))
+            } else {
+                Ok(Value::Float(f))
+            }
+        }
+        ValueType::BigInt => {
+            let mut i = 0i64;
+            let mut lossless = false;
+            unsafe { sys::napi_get_value_bigint_int64(env, v, &mut i, &mut lossless) };
+            if !lossless {
+                return Err(Error::invalid_argument("bigint does not fit in 64 bits"));
+            }
+            Ok(Value::BigInt(i))
+        }
+        ValueType::String => Ok(Value::Text(string_from_js(env, v)?)),
+        ValueType::Object => object_from_js(env, v, depth),
+        other => Err(Error::invalid_argument(format!(
+            "a {} cannot be sent to the database (use null, boolean, number, bigint, string, Date, Buffer, array or plain object)",
+            type_name(other)
+        ))),
+    }
+}
+
+fn type_name(t: ValueType) -> &'static str {
+    match t {
+        ValueType::Function => "function",
+        ValueType::Symbol => "symbol",
+        ValueType::External => "external",
+        _ => "value of this type",
+    }
+}
+
+fn object_from_js(env: sys::napi_env, v: Raw, depth: usize) -> Result<Value, Error> {
+    // Buffers are Uint8Arrays; other typed arrays are refused rather than sent as raw bytes.
+    let mut yes = false;
+    unsafe { sys::napi_is_typedarray(env, v, &mut yes) };
+    if yes {
+        let mut kind = 0;
+        let mut len = 0;
+        let mut data = ptr::null_mut();
+        let mut buffer = ptr::null_mut();
+        let mut offset = 0;
+        unsafe { sys::napi_get_typedarray_info(env, v, &mut kind, &mut len, &mut data, &mut buffer, &mut offset) };
+        if kind != sys::TypedarrayType::uint8_array {
+            return Err(Error::invalid_argument("typed arrays other than Uint8Array cannot be sent; use a Buffer or an array"));
+        }
+        let bytes = if len == 0 { Vec::new() } else { unsafe { std::slice::from_raw_parts(data as *const u8, len) }.to_vec() };
+        return Ok(Value::Bytes(bytes));
+    }
+    unsafe { sys::napi_is_date(env, v, &mut yes) };
+    if yes {
+        let mut ms = 0.0;
+        unsafe { sys::napi_get_date_value(env, v, &mut ms) };
+        if !ms.is_finite() {
+            return Err(Error::invalid_argument("Invalid Date"));
+        }
+        return Ok(Value::Timestamp(ms));
+    }
+    if is_array(env, v) {
+        let len = array_len(env, v)?;
+        let mut items = Vec::with_capacity(len as usize);
+        for i in 0..len {
+            items.push(value_from_js(env, element(env, v, i)?, depth + 1)?);
+        }
+        return Ok(Value::Array(items));
+    }
+    Ok(Value::Json(json_from_js(env, v, depth)?))
+}
+
+fn json_from_js(env: sys::napi_env, v: Raw, depth: usize) -> Result<serde_json::Value, Error> {
+    use serde_json::Value as J;
+    if depth > MAX_DEPTH {
+        return Err(Error::invalid_argument("value nests deeper than 64 levels"));
+    }
+    Ok(match type_of(env, v)? {
+        ValueType::Undefined | ValueType::Null => J::Null,
+        ValueType::Boolean | ValueType::Number | ValueType::String | ValueType::BigInt => {
+            match value_from_js(env, v, depth)? {
+                Value::Bool(b) => J::Bool(b),
+                Value::Int(i) | Value::BigInt(i) => J::from(i),
+                Value::Float(f) => serde_json::Number::from_f64(f).map_or(J::Null, J::Number),
+                Value::Text(s) => J::String(s),
+                other => other.to_json(),
+            }
+        }
+        ValueType::Object => {
+            if is_array(env, v) {
+                let len = array_len(env, v)?;
+                let mut items = Vec::with_capacity(len as usize);
+                for i in 0..len {
+                    items.push(json_from_js(env, element(env, v, i)?, depth + 1)?);
+                }
+                J::Array(items)
+            } else {
+                match object_from_js_leaf(env, v)? {
+                    Some(leaf) => leaf.to_json(),
+                    None => {
+                        let mut keys = ptr::null_mut();
+                        if unsafe { sys::napi_get_property_names(env, v, &mut keys) } != sys::Status::napi_ok {
+                            return Err(internal("property names"));
+                        }
+                        let n = array_len(env, keys)?;
+                        let mut map = serde_json::Map::new();
+                        for i in 0..n {
+                            let key = element(env, keys, i)?;
+                            let mut val = ptr::null_mut();
+                            if unsafe { sys::napi_get_property(env, v, key, &mut val) } != sys::Status::napi_ok {
+                                return Err(internal("property"));
+                            }
+                            let t = type_of(env, val)?;
+                            if t == ValueType::Undefined || t == ValueType::Function || t == ValueType::Symbol {
+                                continue;
+                            }
+                            let key = match type_of(env, key)? {
+                                ValueType::String => string_from_js(env, key)?,
+                                _ => {
+                                    let mut s = ptr::null_mut();
+                                    unsafe { sys::napi_coerce_to_string(env, key, &mut s) };
+                                    string_from_js(env, s)?
+                                }
+                            };
+                            map.insert(key, json_from_js(env, val, depth + 1)?);
+                        }
+                        J::Object(map)
+                    }
+                }
+            }
+        }
+        other => {
+            return Err(Error::invalid_argument(format!(
+                "a {} cannot be stored as JSON",
+                type_name(other)
+            )))
+        }
+    })
+}
+
+/// Dates and Buffers inside JSON become their JSON forms (ISO text, byte arrays).
+fn object_from_js_leaf(env: sys::napi_env, v: Raw) -> Result<Option<Value>, Error> {
+    let mut yes = false;
+    unsafe { sys::napi_is_date(env, v, &mut yes) };
+    let mut buf = false;
+    unsafe { sys::napi_is_buffer(env, v, &mut buf) };
+    if yes || buf {
+        return object_from_js(env, v, 0).map(Some);
+    }
+    Ok(None)
+}
+
+/// Reads a string array argument element-wise (Redis command args).
+pub(crate) fn values_from_array(env: &Env, array: Raw, what: &str) -> Result<Vec<Value>, Error> {
+    let env = env.raw();
+    if !is_array(env, array) {
+        return Err(Error::invalid_argument(format!("{what} must be an array")));
+    }
+    let len = array_len(env, array)?;
+    (0..len)
+        .map(|i| {
+            value_from_js(env, element(env, array, i)?, 0)
+                .map_err(|e| Error::invalid_argument(format!("{what}[{i}]: {}", e.message)))
+        })
+        .collect()
+}
+
+pub(crate) fn string_at(env: &Env, array: Raw, index: u32, what: &str) -> Result<String, Error> {
+    let env = env.raw();
+    let item = element(env, array, index)?;
+    if type_of(env, item)? != ValueType::String {
+        return Err(Error::invalid_argument(format!("{what} must be a string")));
+    }
+    string_from_js(env, item)
+}
+
+pub(crate) fn array_length(env: &Env, array: Raw) -> Result<u32, Error> {
+    if !is_array(env.raw(), array) {
+        return Err(Error::invalid_argument("expected an array"));
+    }
+    array_len(env.raw(), array)
+}
+
+pub(crate) fn element_at(env: &Env, array: Raw, index: u32) -> Result<Raw, Error> {
+    element(env.raw(), array, index)
+}
+
+// ---- out ----
+
+fn string_to_js(env: sys::napi_env, s: &str) -> napi::Result<Raw> {
+    let mut out = ptr::null_mut();
+    check(
+        unsafe { sys::napi_create_string_utf8(env, s.as_ptr().cast(), s.len() as isize, &mut out) },
+        "create string",
+    )?;
+    Ok(out)
+}
+
+pub(crate) fn value_to_js(env: sys::napi_env, v: &Value, int8: Int8Mode) -> napi::Result<Raw> {
+    let mut out = ptr::null_mut();
+    let status = unsafe {
+        match v {
+            Value::Null => sys::napi_get_null(env, &mut out),
+            Value::Bool(b) => sys::napi_get_boolean(env, *b, &mut out),
+            Value::Int(i) => sys::napi_create_double(env, *i as f64, &mut out),
+            Value::BigInt(i) => match int8 {
+                Int8Mode::BigInt => sys::napi_create_bigint_int64(env, *i, &mut out),
+                Int8Mode::String => return string_to_js(env, &i.to_string()),
+            },
+            Value::Float(f) => sys::napi_create_double(env, *f, &mut out),
+            Value::Numeric(s) | Value::Text(s) => return string_to_js(env, s),
+            Value::Bytes(b) => {
+                let mut data = ptr::null_mut();
+                let status = sys::napi_create_buffer_copy(env, b.len(), b.as_ptr().cast(), &mut data, &mut out);
+                status
+            }
+            Value::Json(j) => return json_to_js(env, j, 0),
+            Value::Timestamp(ms) => sys::napi_create_date(env, *ms, &mut out),
+            Value::Array(items) => {
+                check(sys::napi_create_array_with_length(env, items.len(), &mut out), "create array")?;
+                for (i, item) in items.iter().enumerate() {
+                    let el = value_to_js(env, item, int8)?;
+                    check(sys::napi_set_element(env, out, i as u32, el), "set element")?;
+                }
+                sys::Status::napi_ok
+            }
+        }
+    };
+    check(status, "create value")?;
+    Ok(out)
+}
+
+fn json_to_js(env: sys::napi_env, j: &serde_json::Value, depth: usize) -> napi::Result<Raw> {
+    use serde_json::Value as J;
+    let mut out = ptr::null_mut();
+    unsafe {
+        match j {
+            J::Null => check(sys::napi_get_null(env, &mut out), "null")?,
+            J::Bool(b) => check(sys::napi_get_boolean(env, *b, &mut out), "bool")?,
+            J::Number(n) => check(sys::napi_create_double(env, n.as_f64().unwrap_or(f64::NAN), &mut out), "number")?,
+            J::String(s) => return string_to_js(env, s),
+            J::Array(items) => {
+                check(sys::napi_create_array_with_length(env, items.len(), &mut out), "array")?;
+                for (i, item) in items.iter().enumerate() {
+                    let el = json_to_js(env, item, depth + 1)?;
+                    check(sys::napi_set_element(env, out, i as u32, el), "element")?;
+                }
+            }
+            J::Object(map) => {
+                check(sys::napi_create_object(env, &mut out), "object")?;
+                for (k, v) in map {
+                    let key = string_to_js(env, k)?;
+                    let val = json_to_js(env, v, depth + 1)?;
+                    check(sys::napi_set_property(env, out, key, val), "property")?;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Rows as plain objects keyed by column name. Column name strings are created once.
+pub struct Rows {
+    pub result: QueryResult,
+    pub int8: Int8Mode,
+}
+
+impl TypeName for Rows {
+    fn type_name() -> &'static str {
+        "Array<Record<string, any>>"
+    }
+    fn value_type() -> ValueType {
+        ValueType::Object
+    }
+}
+
+impl ValidateNapiValue for Rows {}
+
+impl ToNapiValue for Rows {
+    unsafe fn to_napi_value(env: sys::napi_env, val: Self) -> napi::Result<Raw> {
+        let keys: Vec<Raw> = val
+            .result
+            .columns
+            .iter()
+            .map(|c| string_to_js(env, c))
+            .collect::<napi::Result<_>>()?;
+        let mut array = ptr::null_mut();
+        check(sys::napi_create_array_with_length(env, val.result.rows.len(), &mut array), "rows")?;
+        for (i, row) in val.result.rows.iter().enumerate() {
+            let mut obj = ptr::null_mut();
+            check(sys::napi_create_object(env, &mut obj), "row")?;
+            for (key, cell) in keys.iter().zip(row) {
+                let v = value_to_js(env, cell, val.int8)?;
+                check(sys::napi_set_property(env, obj, *key, v), "cell")?;
+            }
+            check(sys::napi_set_element(env, array, i as u32, obj), "row element")?;
+        }
+        Ok(array)
+    }
+}
+
+/// A single reply value (Redis) converted on the main thread.
+pub struct Reply(pub Value);
+
+impl TypeName for Reply {
+    fn type_name() -> &'static str {
+        "unknown"
+    }
+    fn value_type() -> ValueType {
+        ValueType::Unknown
+    }
+}
+
+impl ValidateNapiValue for Reply {}
+
+impl ToNapiValue for Reply {
+    unsafe fn to_napi_value(env: sys::napi_env, val: Self) -> napi::Result<Raw> {
+        value_to_js(env, &val.0, Int8Mode::BigInt)
+    }
+}

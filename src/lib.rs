@@ -1,0 +1,10 @@
+#![doc = include_str!("../README.md")]
+//! quartermaster: three domains (connections, models, metrics) and one thin binding layer.
+
+pub mod error;
+pub mod metrics;
+pub mod models;
+pub mod pool;
+
+#[cfg(feature = "napi")]
+mod binding;

@@ -1,0 +1,320 @@
+//! CPU inference: batched GEMM (`gemm` crate) for dense layers and LSTM projections.
+//! A forward pass allocates nothing: every intermediate lives in a caller-provided workspace
+//! whose size [`workspace_len`] computes.
+
+use gemm::Parallelism;
+
+use crate::error::{Error, Result};
+use crate::models::format::{Activation, Architecture, DenseSpec, LstmLayerSpec, ModelSpec, Weights};
+
+/// Below this many multiply-adds a GEMM runs on the calling thread; above, on rayon's pool.
+const PARALLEL_MACS: usize = 1 << 21;
+
+fn too_large(batch: usize) -> Error {
+    Error::invalid_argument(format!("batch {batch} is too large for this model's workspace"))
+}
+
+/// Floats of scratch space a forward pass over `batch` samples needs.
+pub fn workspace_len(spec: &ModelSpec, batch: usize) -> Result<usize> {
+    let widest = |layers: &[DenseSpec]| layers.iter().map(|d| d.outputs).max().unwrap_or(0);
+    let len = match &spec.arch {
+        Architecture::Mlp { dense } => batch.checked_mul(widest(dense)).and_then(|n| n.checked_mul(2)),
+        Architecture::Lstm { layers, head } => {
+            let hidden = layers.iter().map(|l| l.hidden).max().unwrap_or(0);
+            let steps = batch.checked_mul(spec.sequence_length);
+            let proj = steps.and_then(|s| s.checked_mul(4 * hidden));
+            let seq = steps.and_then(|s| s.checked_mul(hidden)).and_then(|n| n.checked_mul(2));
+            let state = batch.checked_mul(hidden).and_then(|n| n.checked_mul(2));
+            let head = batch.checked_mul(widest(head)).and_then(|n| n.checked_mul(2));
+            [proj, seq, state, head]
+                .into_iter()
+                .try_fold(0usize, |acc, n| n.and_then(|n| acc.checked_add(n)))
+        }
+    };
+    len.ok_or_else(|| too_large(batch))
+}
+
+/// Runs the model on `batch` samples of `input`, writing `batch × output_size` floats to `out`.
+/// `input`, `workspace` and `out` must have the lengths the spec implies.
+pub fn forward(spec: &ModelSpec, weights: &Weights, input: &[f32], batch: usize, workspace: &mut [f32], out: &mut [f32]) {
+    assert_eq!(input.len(), batch * spec.sample_len(), "input length");
+    assert_eq!(out.len(), batch * spec.output_size, "output length");
+    match &spec.arch {
+        Architecture::Mlp { dense } => dense_stack(weights, dense, input, batch, workspace, out),
+        Architecture::Lstm { layers, head } => {
+            let hidden = layers.iter().map(|l| l.hidden).max().unwrap_or(0);
+            let steps = batch * spec.sequence_length;
+            let (proj, rest) = workspace.split_at_mut(steps * 4 * hidden);
+            let (seq_a, rest) = rest.split_at_mut(steps * hidden);
+            let (seq_b, rest) = rest.split_at_mut(steps * hidden);
+            let (h, rest) = rest.split_at_mut(batch * hidden);
+            let (c, head_ws) = rest.split_at_mut(batch * hidden);
+            let mut seq_in: &[f32] = input;
+            let (mut write, mut spare) = (seq_a, seq_b);
+            for (k, layer) in layers.iter().enumerate() {
+                let top = k + 1 == layers.len();
+                let seq_out = if top { None } else { Some(&mut write[..steps * layer.hidden]) };
+                lstm_layer(weights, layer, seq_in, batch, spec.sequence_length, proj, h, c, seq_out);
+                if !top {
+                    std::mem::swap(&mut write, &mut spare);
+                    seq_in = &spare[..steps * layer.hidden];
+                }
+            }
+            let last = layers.last().map_or(0, |l| l.hidden);
+            let h = &h[..batch * last];
+            if head.is_empty() {
+                out.copy_from_slice(h);
+            } else {
+                dense_stack(weights, head, h, batch, head_ws, out);
+            }
+        }
+    }
+}
+
+fn dense_stack(weights: &Weights, layers: &[DenseSpec], input: &[f32], batch: usize, workspace: &mut [f32], out: &mut [f32]) {
+    let widest = layers.iter().map(|d| d.outputs).max().unwrap_or(0);
+    let (mut a, mut b) = workspace.split_at_mut(batch * widest);
+    let mut current: &[f32] = input;
+    for (i, layer) in layers.iter().enumerate() {
+        if i + 1 == layers.len() {
+            dense(weights, layer, current, batch, out);
+        } else {
+            let dst = &mut a[..batch * layer.outputs];
+            dense(weights, layer, current, batch, dst);
+            std::mem::swap(&mut a, &mut b);
+            current = &b[..batch * layer.outputs];
+        }
+    }
+}
+
+/// `out = act(x · Wᵀ + b)` for `rows` rows.
+fn dense(weights: &Weights, layer: &DenseSpec, x: &[f32], rows: usize, out: &mut [f32]) {
+    let w = weights.tensor(layer.weight);
+    let bias = layer.bias.map(|b| weights.tensor(b));
+    if let Some(bias) = bias {
+        for row in out.chunks_exact_mut(layer.outputs) {
+            row.copy_from_slice(bias);
+        }
+    }
+    matmul(rows, layer.outputs, layer.inputs, x, layer.inputs, w, out, layer.outputs, bias.is_some());
+    activate(layer.activation, out);
+}
+
+/// `dst[r·dst_stride + j] (+)= Σₖ lhs[r·lhs_stride + k] · w[j·depth + k]` for `rows × cols`.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    rows: usize,
+    cols: usize,
+    depth: usize,
+    lhs: &[f32],
+    lhs_stride: usize,
+    w: &[f32],
+    dst: &mut [f32],
+    dst_stride: usize,
+    accumulate: bool,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(w.len() >= cols * depth, "weight length");
+    assert!(lhs.len() >= (rows - 1) * lhs_stride + depth, "lhs length");
+    assert!(dst.len() >= (rows - 1) * dst_stride + cols, "dst length");
+    let macs = rows.saturating_mul(cols).saturating_mul(depth);
+    let parallelism = if macs >= PARALLEL_MACS {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the strides reach; `dst` does not alias.
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            depth,
+            dst.as_mut_ptr(),
+            1,
+            dst_stride as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            lhs_stride as isize,
+            w.as_ptr(),
+            depth as isize,
+            1,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// One LSTM layer over the whole sequence. Leaves the last hidden state in `h`; writes every
+/// step's hidden state to `seq_out` when the next layer needs it.
+#[allow(clippy::too_many_arguments)]
+fn lstm_layer(
+    weights: &Weights,
+    layer: &LstmLayerSpec,
+    x: &[f32],
+    batch: usize,
+    steps: usize,
+    proj: &mut [f32],
+    h: &mut [f32],
+    c: &mut [f32],
+    mut seq_out: Option<&mut [f32]>,
+) {
+    let hidden = layer.hidden;
+    let gates = 4 * hidden;
+    let rows = batch * steps;
+    let proj = &mut proj[..rows * gates];
+    let h = &mut h[..batch * hidden];
+    let c = &mut c[..batch * hidden];
+    let b_ih = layer.bias_ih.map(|b| weights.tensor(b));
+    let b_hh = layer.bias_hh.map(|b| weights.tensor(b));
+    let has_bias = b_ih.is_some() || b_hh.is_some();
+    if has_bias {
+        for row in proj.chunks_exact_mut(gates) {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = b_ih.map_or(0.0, |b| b[j]) + b_hh.map_or(0.0, |b| b[j]);
+            }
+        }
+    }
+    // Input projection for every (sample, step) row at once: [B·T, In] · W_ihᵀ.
+    matmul(rows, gates, layer.inputs, x, layer.inputs, weights.tensor(layer.weight_ih), proj, gates, has_bias);
+    h.fill(0.0);
+    c.fill(0.0);
+    let w_hh = weights.tensor(layer.weight_hh);
+    for t in 0..steps {
+        let step = &mut proj[t * gates..];
+        if t > 0 {
+            // Recurrent term for step t of every sample: rows b·T + t, stride T·4H.
+            matmul(batch, gates, hidden, h, hidden, w_hh, step, steps * gates, true);
+        }
+        for b in 0..batch {
+            let g = &step[b * steps * gates..b * steps * gates + gates];
+            let (hb, cb) = (&mut h[b * hidden..(b + 1) * hidden], &mut c[b * hidden..(b + 1) * hidden]);
+            for j in 0..hidden {
+                let i = sigmoid(g[j]);
+                let f = sigmoid(g[hidden + j]);
+                let cand = g[2 * hidden + j].tanh();
+                let o = sigmoid(g[3 * hidden + j]);
+                cb[j] = f * cb[j] + i * cand;
+                hb[j] = o * cb[j].tanh();
+            }
+            if let Some(seq) = seq_out.as_deref_mut() {
+                let at = (b * steps + t) * hidden;
+                seq[at..at + hidden].copy_from_slice(hb);
+            }
+        }
+    }
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn activate(act: Activation, values: &mut [f32]) {
+    match act {
+        Activation::Identity => {}
+        Activation::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Tanh => values.iter_mut().for_each(|v| *v = v.tanh()),
+        Activation::Sigmoid => values.iter_mut().for_each(|v| *v = sigmoid(*v)),
+        Activation::Gelu => values
+            .iter_mut()
+            .for_each(|v| *v = (0.5 * f64::from(*v) * (1.0 + libm::erf(f64::from(*v) / std::f64::consts::SQRT_2))) as f32),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::format::tests::{mlp, write};
+    use crate::models::format::ModelFile;
+
+    fn run(m: &ModelFile, input: &[f32], batch: usize) -> Vec<f32> {
+        let mut ws = vec![0.0; workspace_len(&m.spec, batch).unwrap()];
+        let mut out = vec![0.0; batch * m.spec.output_size];
+        forward(&m.spec, &m.weights, input, batch, &mut ws, &mut out);
+        out
+    }
+
+    /// Straightforward f64 reference, independent of the GEMM path.
+    fn reference_dense(w: &[f32], b: &[f32], x: &[f32], inputs: usize, act: Activation) -> Vec<f64> {
+        b.iter()
+            .enumerate()
+            .map(|(j, bj)| {
+                let s: f64 = (0..inputs).map(|k| f64::from(w[j * inputs + k]) * f64::from(x[k])).sum::<f64>() + f64::from(*bj);
+                match act {
+                    Activation::Relu => s.max(0.0),
+                    Activation::Tanh => s.tanh(),
+                    Activation::Identity => s,
+                    Activation::Sigmoid => 1.0 / (1.0 + (-s).exp()),
+                    Activation::Gelu => 0.5 * s * (1.0 + libm::erf(s / std::f64::consts::SQRT_2)),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mlp_matches_reference_and_batches_agree() {
+        let m = ModelFile::from_bytes(&mlp(&[5, 7, 3], "gelu,tanh", 9)).unwrap();
+        let batch = 9;
+        let input: Vec<f32> = (0..batch * 5).map(|i| (i as f32 * 0.37).sin()).collect();
+        let out = run(&m, &input, batch);
+        for s in 0..batch {
+            let x = &input[s * 5..(s + 1) * 5];
+            let h = reference_dense(m.weights.tensor(0), m.weights.tensor(1), x, 5, Activation::Gelu);
+            let h: Vec<f32> = h.iter().map(|v| *v as f32).collect();
+            let y = reference_dense(m.weights.tensor(2), m.weights.tensor(3), &h, 7, Activation::Tanh);
+            for (a, b) in out[s * 3..(s + 1) * 3].iter().zip(&y) {
+                assert!((f64::from(*a) - b).abs() <= 1e-5 * b.abs().max(0.1), "{a} vs {b}");
+            }
+            for (a, b) in run(&m, x, 1).iter().zip(&out[s * 3..(s + 1) * 3]) {
+                assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn lstm_two_layers_run_and_batch_rows_are_independent() {
+        let (inp, hid, steps) = (3usize, 4usize, 5usize);
+        let v = |n: usize, s: f32| (0..n).map(|i| ((i as f32 + s) * 0.71).sin() * 0.5).collect::<Vec<f32>>();
+        let meta = [("arch", "lstm"), ("sequence_length", "5")];
+        let bytes = write(
+            &meta,
+            &[
+                ("weight_ih_l0", vec![4 * hid, inp], v(4 * hid * inp, 1.0)),
+                ("weight_hh_l0", vec![4 * hid, hid], v(4 * hid * hid, 2.0)),
+                ("bias_ih_l0", vec![4 * hid], v(4 * hid, 3.0)),
+                ("bias_hh_l0", vec![4 * hid], v(4 * hid, 4.0)),
+                ("weight_ih_l1", vec![4 * hid, hid], v(4 * hid * hid, 5.0)),
+                ("weight_hh_l1", vec![4 * hid, hid], v(4 * hid * hid, 6.0)),
+                ("bias_ih_l1", vec![4 * hid], v(4 * hid, 7.0)),
+                ("bias_hh_l1", vec![4 * hid], v(4 * hid, 8.0)),
+                ("dense.0.weight", vec![2, hid], v(2 * hid, 9.0)),
+                ("dense.0.bias", vec![2], v(2, 10.0)),
+            ],
+        );
+        let m = ModelFile::from_bytes(&bytes).unwrap();
+        assert_eq!((m.spec.input_size, m.spec.output_size, m.spec.sequence_length), (3, 2, 5));
+        let batch = 4;
+        let input = v(batch * steps * inp, 11.0);
+        let out = run(&m, &input, batch);
+        for s in 0..batch {
+            let one = run(&m, &input[s * steps * inp..(s + 1) * steps * inp], 1);
+            for (a, b) in one.iter().zip(&out[s * 2..(s + 1) * 2]) {
+                assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+            }
+        }
+        assert!(out.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn workspace_size_overflow_is_an_error() {
+        let m = ModelFile::from_bytes(&mlp(&[2, 3], "none", 1)).unwrap();
+        assert!(workspace_len(&m.spec, usize::MAX / 2).is_err());
+    }
+}

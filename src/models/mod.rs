@@ -1,0 +1,13 @@
+//! Neural models: safetensors format, CPU and CUDA backends, the cache and its memory
+//! accounting. No napi here: `cargo test --no-default-features` runs all of it.
+
+pub mod cache;
+pub mod cpu;
+pub mod cuda;
+pub mod device;
+pub mod format;
+pub mod memory;
+
+pub use cache::{predict, CacheConfig, CacheStats, ModelCache, ModelHandle, ModelInfo, ModelSource, Prediction};
+pub use device::DeviceRequest;
+pub use memory::MemoryUsage;

@@ -1,0 +1,163 @@
+//! Redis connections on redis-rs (tokio). A pooled connection is used by one caller at a time.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Value as RedisValue};
+
+use crate::error::{Error, ErrorCode, Phase, Result};
+use crate::pool::value::Value;
+
+pub struct RedisConnection {
+    conn: MultiplexedConnection,
+    /// Inside MULTI or WATCH: must be DISCARDed / UNWATCHed before reuse.
+    pub in_transaction: bool,
+    /// Session state a next user must not inherit (SELECT, SUBSCRIBE, CLIENT …): close on return.
+    pub tainted: bool,
+}
+
+pub async fn connect(client: &Client, timeout: Duration) -> Result<RedisConnection> {
+    let config = AsyncConnectionConfig::new().set_connection_timeout(Some(timeout));
+    let attempt = client.get_multiplexed_async_connection_with_config(&config);
+    let conn = match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            return Err(Error::new(ErrorCode::ConnectFailed, format!("could not connect to Redis: {e}")).with_phase(Phase::Connect))
+        }
+        Err(_) => {
+            return Err(Error::new(
+                ErrorCode::ConnectFailed,
+                format!("Redis did not answer within connectTimeoutMs ({} ms)", timeout.as_millis()),
+            )
+            .with_phase(Phase::Connect))
+        }
+    };
+    Ok(RedisConnection {
+        conn,
+        in_transaction: false,
+        tainted: false,
+    })
+}
+
+pub fn is_permanent(err: &Error) -> bool {
+    let m = err.message.to_ascii_lowercase();
+    m.contains("auth") || m.contains("password") || m.contains("tls") || m.contains("certificate")
+}
+
+fn command_error(e: redis::RedisError) -> Error {
+    let code = e.code().map(str::to_string);
+    let mut err = Error::new(ErrorCode::QueryFailed, e.to_string());
+    if let Some(code) = code {
+        err = err.with_sqlstate(code);
+    }
+    err
+}
+
+fn arg(cmd: &mut redis::Cmd, value: &Value, position: usize) -> Result<()> {
+    match value {
+        Value::Bytes(b) => {
+            cmd.arg(b.as_slice());
+        }
+        Value::Null => {
+            return Err(Error::invalid_argument(format!(
+                "Redis argument {position} is null; Redis has no null argument"
+            )))
+        }
+        other => {
+            cmd.arg(other.to_text().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+/// Builds one command from its name and arguments.
+pub fn build_command(name: &str, args: &[Value]) -> Result<redis::Cmd> {
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'|') {
+        return Err(Error::invalid_argument(format!("{name:?} is not a Redis command name")));
+    }
+    let mut cmd = redis::cmd(name);
+    for (i, a) in args.iter().enumerate() {
+        arg(&mut cmd, a, i + 1)?;
+    }
+    Ok(cmd)
+}
+
+fn reply(v: RedisValue) -> Result<Value> {
+    Ok(match v {
+        RedisValue::Nil => Value::Null,
+        RedisValue::Int(i) => Value::Int(i),
+        RedisValue::BulkString(bytes) => match String::from_utf8(bytes) {
+            Ok(s) => Value::Text(s),
+            Err(e) => Value::Bytes(e.into_bytes()),
+        },
+        RedisValue::Array(items) | RedisValue::Set(items) => {
+            Value::Array(items.into_iter().map(reply).collect::<Result<_>>()?)
+        }
+        RedisValue::SimpleString(s) => Value::Text(s),
+        RedisValue::Okay => Value::Text("OK".into()),
+        RedisValue::Map(pairs) => {
+            let mut flat = Vec::with_capacity(pairs.len() * 2);
+            for (k, v) in pairs {
+                flat.push(reply(k)?);
+                flat.push(reply(v)?);
+            }
+            Value::Array(flat)
+        }
+        RedisValue::Attribute { data, .. } => reply(*data)?,
+        RedisValue::Double(d) => Value::Float(d),
+        RedisValue::Boolean(b) => Value::Bool(b),
+        RedisValue::VerbatimString { text, .. } => Value::Text(text),
+        RedisValue::BigNumber(n) => Value::Numeric(format!("{n:?}")),
+        RedisValue::Push { data, .. } => Value::Array(data.into_iter().map(reply).collect::<Result<_>>()?),
+        RedisValue::ServerError(e) => {
+            let code = e.code().to_string();
+            return Err(Error::new(ErrorCode::QueryFailed, format!("{code}: {}", e.details().unwrap_or(""))).with_sqlstate(code));
+        }
+        other => Value::Text(format!("{other:?}")),
+    })
+}
+
+impl RedisConnection {
+    fn track(&mut self, name: &str) {
+        match name.to_ascii_uppercase().as_str() {
+            "MULTI" | "WATCH" => self.in_transaction = true,
+            "EXEC" | "DISCARD" | "UNWATCH" => self.in_transaction = false,
+            "SELECT" | "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" | "MONITOR" | "CLIENT" | "HELLO" | "AUTH" | "RESET"
+            | "READONLY" | "READWRITE" | "SWAPDB" => self.tainted = true,
+            _ => {}
+        }
+    }
+
+    pub async fn command(&mut self, name: &str, args: &[Value]) -> Result<Value> {
+        let cmd = build_command(name, args)?;
+        self.track(name);
+        let out: RedisValue = cmd.query_async(&mut self.conn).await.map_err(command_error)?;
+        reply(out)
+    }
+
+    pub async fn pipeline(&mut self, commands: &[(String, Vec<Value>)]) -> Result<Vec<Value>> {
+        let mut pipe = redis::pipe();
+        for (name, args) in commands {
+            pipe.add_command(build_command(name, args)?);
+        }
+        for (name, _) in commands {
+            self.track(name);
+        }
+        let out: Vec<RedisValue> = pipe.query_async(&mut self.conn).await.map_err(command_error)?;
+        out.into_iter().map(reply).collect()
+    }
+
+    pub async fn ping(&mut self) -> Result<()> {
+        let _: RedisValue = redis::cmd("PING").query_async(&mut self.conn).await.map_err(command_error)?;
+        Ok(())
+    }
+
+    /// Leaves MULTI/WATCH so the next user starts clean.
+    pub async fn reset(&mut self) -> Result<()> {
+        // DISCARD fails harmlessly when no MULTI is open; UNWATCH always succeeds on a live connection.
+        let _: std::result::Result<RedisValue, _> = redis::cmd("DISCARD").query_async(&mut self.conn).await;
+        let _: RedisValue = redis::cmd("UNWATCH").query_async(&mut self.conn).await.map_err(command_error)?;
+        self.in_transaction = false;
+        Ok(())
+    }
+}

@@ -1,0 +1,221 @@
+//! SQLite connections on rusqlite (bundled). Statements run on tokio's blocking pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OpenFlags};
+
+use crate::error::{Error, ErrorCode, Phase, Result};
+use crate::pool::value::{timestamp_to_iso, ExecuteResult, QueryResult, Value};
+
+/// Largest integer JavaScript holds exactly; larger SQLite integers become `bigint`.
+const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
+
+pub struct SqliteConnection {
+    conn: Arc<Mutex<Connection>>,
+}
+
+/// Where a pool's SQLite connections point.
+#[derive(Debug, Clone)]
+pub enum SqliteTarget {
+    File(String),
+    /// A named in-memory database (memdb VFS) shared by the pool's connections.
+    Memory(String),
+}
+
+impl SqliteTarget {
+    pub fn memory() -> SqliteTarget {
+        SqliteTarget::Memory(format!("/qm-{}", uuid::Uuid::new_v4().simple()))
+    }
+}
+
+pub async fn connect(target: &SqliteTarget, busy_timeout: Duration, statement_cache: bool) -> Result<SqliteConnection> {
+    let target = target.clone();
+    let conn = tokio::task::spawn_blocking(move || open(&target, busy_timeout, statement_cache))
+        .await
+        .map_err(|e| Error::internal(format!("SQLite open task failed: {e}")))??;
+    Ok(SqliteConnection {
+        conn: Arc::new(Mutex::new(conn)),
+    })
+}
+
+pub fn open(target: &SqliteTarget, busy_timeout: Duration, statement_cache: bool) -> Result<Connection> {
+    let connect_err = |e: rusqlite::Error| {
+        Error::new(ErrorCode::ConnectFailed, format!("could not open SQLite database: {e}")).with_phase(Phase::Connect)
+    };
+    let conn = match target {
+        SqliteTarget::File(path) => Connection::open(path).map_err(connect_err)?,
+        SqliteTarget::Memory(name) => Connection::open_with_flags(
+            format!("file:{name}?vfs=memdb"),
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(connect_err)?,
+    };
+    conn.busy_timeout(busy_timeout).map_err(connect_err)?;
+    conn.set_prepared_statement_cache_capacity(if statement_cache { 256 } else { 0 });
+    if let SqliteTarget::File(_) = target {
+        // WAL lets readers and one writer work at once across the pool's connections.
+        let _: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(connect_err)?;
+        conn.execute_batch("PRAGMA synchronous=NORMAL").map_err(connect_err)?;
+    }
+    conn.execute_batch("PRAGMA foreign_keys=ON").map_err(connect_err)?;
+    Ok(conn)
+}
+
+fn query_error(e: rusqlite::Error) -> Error {
+    match &e {
+        rusqlite::Error::SqliteFailure(code, msg) => {
+            let text = msg.clone().unwrap_or_else(|| code.to_string());
+            Error::new(ErrorCode::QueryFailed, text).with_sqlstate(format!("SQLITE_{}", code.extended_code))
+        }
+        rusqlite::Error::InvalidParameterCount(got, expected) => Error::invalid_argument(format!(
+            "statement expects {expected} parameter(s), got {got}"
+        )),
+        rusqlite::Error::ToSqlConversionFailure(inner) => Error::invalid_argument(inner.to_string()),
+        _ => Error::new(ErrorCode::QueryFailed, e.to_string()),
+    }
+}
+
+struct Param<'a>(&'a Value);
+
+impl rusqlite::ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self.0 {
+            Value::Null => ToSqlOutput::Owned(SqlValue::Null),
+            Value::Bool(b) => ToSqlOutput::Owned(SqlValue::Integer(*b as i64)),
+            Value::Int(i) | Value::BigInt(i) => ToSqlOutput::Owned(SqlValue::Integer(*i)),
+            Value::Float(f) => ToSqlOutput::Owned(SqlValue::Real(*f)),
+            Value::Numeric(s) | Value::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Value::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Value::Timestamp(ms) => ToSqlOutput::Owned(SqlValue::Text(timestamp_to_iso(*ms))),
+            Value::Json(_) | Value::Array(_) => ToSqlOutput::Owned(SqlValue::Text(self.0.to_json().to_string())),
+        })
+    }
+}
+
+fn cell(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) if i.abs() <= MAX_SAFE_INTEGER => Value::Int(i),
+        ValueRef::Integer(i) => Value::BigInt(i),
+        ValueRef::Real(f) => Value::Float(f),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::Bytes(b.to_vec()),
+    }
+}
+
+fn run_query(conn: &Connection, sql: &str, params: &[Value]) -> Result<QueryResult> {
+    let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
+    let columns: Arc<[String]> = stmt.column_names().into_iter().map(|c| c.to_string()).collect();
+    let width = columns.len();
+    let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(bound.iter()))
+        .map_err(query_error)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(query_error)? {
+        let mut cells = Vec::with_capacity(width);
+        for i in 0..width {
+            cells.push(cell(row.get_ref(i).map_err(query_error)?));
+        }
+        out.push(cells);
+    }
+    let row_count = if width == 0 { conn.changes() } else { out.len() as u64 };
+    Ok(QueryResult {
+        columns,
+        rows: out,
+        row_count,
+    })
+}
+
+fn run_execute(conn: &Connection, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
+    let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
+    let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
+    let changed = if stmt.column_count() == 0 {
+        stmt.execute(rusqlite::params_from_iter(bound.iter())).map_err(query_error)? as u64
+    } else {
+        // `execute` refuses statements that return rows; step through them instead.
+        let mut rows = stmt.query(rusqlite::params_from_iter(bound.iter())).map_err(query_error)?;
+        while rows.next().map_err(query_error)?.is_some() {}
+        conn.changes()
+    };
+    Ok(ExecuteResult {
+        row_count: changed,
+        last_insert_id: Some(conn.last_insert_rowid()),
+    })
+}
+
+impl SqliteConnection {
+    async fn blocking<T: Send + 'static>(&self, work: impl FnOnce(&Connection) -> Result<T> + Send + 'static) -> Result<T> {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || work(&conn.lock()))
+            .await
+            .map_err(|e| Error::internal(format!("SQLite task failed: {e}")))?
+    }
+
+    pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
+        let (sql, params) = (sql.to_string(), params.to_vec());
+        self.blocking(move |c| run_query(c, &sql, &params)).await
+    }
+
+    pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
+        let (sql, params) = (sql.to_string(), params.to_vec());
+        self.blocking(move |c| run_execute(c, &sql, &params)).await
+    }
+
+    /// True while a transaction is open on this connection.
+    pub fn in_transaction(&self) -> bool {
+        self.conn.try_lock().is_some_and(|c| !c.is_autocommit())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.blocking(|c| c.execute_batch("SELECT 1").map_err(query_error)).await
+    }
+
+    pub async fn rollback(&self) -> Result<()> {
+        self.blocking(|c| {
+            if !c.is_autocommit() {
+                c.execute_batch("ROLLBACK").map_err(query_error)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_database_is_shared_by_the_pools_connections() {
+        let target = SqliteTarget::memory();
+        let a = connect(&target, Duration::from_secs(1), true).await.unwrap();
+        let b = connect(&target, Duration::from_secs(1), true).await.unwrap();
+        a.execute("create table t(x integer)", &[]).await.unwrap();
+        a.execute("insert into t values (?1)", &[Value::Int(7)]).await.unwrap();
+        let r = b.query("select x from t", &[]).await.unwrap();
+        assert_eq!(r.rows, vec![&[Value::Int(7)]]);
+        let other = connect(&SqliteTarget::memory(), Duration::from_secs(1), true).await.unwrap();
+        assert!(other.query("select x from t", &[]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn transaction_state_and_errors_are_reported() {
+        let c = connect(&SqliteTarget::memory(), Duration::from_secs(1), true).await.unwrap();
+        c.execute("begin", &[]).await.unwrap();
+        assert!(c.in_transaction());
+        c.rollback().await.unwrap();
+        assert!(!c.in_transaction());
+        let e = c.query("selec 1", &[]).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::QueryFailed);
+        let e = c.query("select ?1", &[]).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+        let big = c.query("select 9007199254740993", &[]).await.unwrap();
+        assert_eq!(big.rows[0][0], Value::BigInt(9_007_199_254_740_993));
+    }
+}
