@@ -17,8 +17,9 @@ export declare class ConnectionPool {
   /**
    * Validates the options (`INVALID_ARGUMENT` names the bad one) and starts the pool.
    * Connections open lazily, except `minIdle` which are warmed in the background.
+   * The pool reports into `metrics`, or into `Metrics.global()` when none is given.
    */
-  constructor(options: PoolOptions)
+  constructor(options: PoolOptions, metrics?: Metrics | undefined | null)
   /** The pool's label in metrics (made unique per process). */
   get name(): string
   /** `postgres`, `sqlite` or `redis`. */
@@ -108,8 +109,10 @@ export declare class Metrics {
   setAlertThresholds(thresholds: AlertThresholdsOptions): void
   /**
    * Calls `onReport` every `intervalMs` with `{ snapshot, rates, health, leaks }`.
-   * The reporter never keeps the process alive, survives a throwing `onReport`, and runs
-   * until `stop()` or until its thread's environment shuts down.
+   * The reporter never keeps the process alive (like an `unref()`'d timer), survives a
+   * throwing or rejecting `onReport`, and runs until `stop()` or until its thread's
+   * environment shuts down — also when the returned handle is garbage-collected, so keep it
+   * to stop it. Fails with `INVALID_ARGUMENT` below 10 ms.
    */
   startReporter(options: ReporterOptions): MetricsReporter
   /**
@@ -254,6 +257,7 @@ export declare class PooledConnection {
 export declare class PromClientMetric {
   /** The family name as prom-client prints it (counters end in `_total`). */
   name: string
+  /** Help text. */
   help: string
   /** `counter`, `gauge` or `histogram`. */
   type: string
@@ -327,7 +331,9 @@ export interface GrowthDetail {
   rSquared: number
   /** Fitted growth over the window as a percentage of its mean. */
   growthPercent: number
+  /** Samples in the window (one per second at most, taken by `snapshot()`, `health()` and the reporter). */
   samples: number
+  /** Time the window spans. */
   windowSeconds: number
 }
 
@@ -341,23 +347,17 @@ export interface HealthCheck {
   name: string
   /** The pool or cache name; `process` or `registry` otherwise. */
   target: string
+  /** How bad the measured value is. */
   level: 'ok' | 'warning' | 'error' | 'critical'
   /** The measured value (percent, count or slope; see `message`). */
   value: number
+  /** What was measured, in words a person can act on. */
   message: string
-}
-
-/** Latency percentiles in milliseconds. */
-export interface LatencyPercentiles {
-  p50: number
-  p90: number
-  p95: number
-  p99: number
-  max: number
 }
 
 /** A lease or model handle held longer than its leak threshold. */
 export interface LeakReport {
+  /** `lease` (a pool connection) or `model` (a model handle). */
   kind: 'lease' | 'model'
   /** Pool or model name. */
   name: string
@@ -379,9 +379,11 @@ export interface LeaseLeak {
 
 /** Overall health: any critical check makes it `unhealthy`, any warning or error `degraded`. */
 export interface MetricsHealth {
+  /** Worst check wins: critical → `unhealthy`; warning or error → `degraded`. */
   status: 'healthy' | 'degraded' | 'unhealthy'
   /** 0..100: 100 minus 10 per warning, 25 per error, 50 per critical check. */
   score: number
+  /** Every check, passing or not. */
   checks: Array<HealthCheck>
 }
 
@@ -390,10 +392,15 @@ export interface MetricsHealth {
  * series: 1 %). All zero before the first event.
  */
 export interface MetricsLatency {
+  /** Median. */
   p50: number
+  /** 90th percentile. */
   p90: number
+  /** 95th percentile. */
   p95: number
+  /** 99th percentile. */
   p99: number
+  /** Largest observed (exact). */
   max: number
 }
 
@@ -404,34 +411,54 @@ export interface MetricsLatency {
 export interface MetricsRates {
   /** Seconds the rates cover. */
   intervalSeconds: number
+  /** Pool gets per second. */
   poolGetsPerSec: number
+  /** Pool successful gets per second. */
   poolSuccessfulGetsPerSec: number
+  /** Pool timeouts per second. */
   poolTimeoutsPerSec: number
+  /** Pool rejected per second. */
   poolRejectedPerSec: number
+  /** Pool errors per second. */
   poolErrorsPerSec: number
+  /** Pool queries per second. */
   poolQueriesPerSec: number
+  /** Pool created per second. */
   poolCreatedPerSec: number
+  /** Pool destroyed per second. */
   poolDestroyedPerSec: number
+  /** Pool leaked leases per second. */
   poolLeakedLeasesPerSec: number
+  /** Neural allocations per second. */
   neuralAllocationsPerSec: number
+  /** Neural deallocations per second. */
   neuralDeallocationsPerSec: number
+  /** Neural loads per second. */
   neuralLoadsPerSec: number
+  /** Neural cache hits per second. */
   neuralCacheHitsPerSec: number
+  /** Neural cache misses per second. */
   neuralCacheMissesPerSec: number
+  /** Neural evictions per second. */
   neuralEvictionsPerSec: number
+  /** Neural expirations per second. */
   neuralExpirationsPerSec: number
+  /** Neural predictions per second. */
   neuralPredictionsPerSec: number
 }
 
 /** What `onReport` receives on every tick. */
 export interface MetricsReport {
+  /** As `snapshot()` returns it. */
   snapshot: MetricsSnapshot
   /**
    * Rates since the reporter's previous tick (the reporter keeps its own baseline, so it does
    * not disturb the app's `rates()` calls).
    */
   rates: MetricsRates
+  /** As `health()` returns it. */
   health: MetricsHealth
+  /** As `leaks()` returns it. */
   leaks: Array<LeakReport>
 }
 
@@ -448,10 +475,13 @@ export interface MetricsSnapshot {
   poolErrors: number
   /** Native buffers allocated for model weights and workspaces. */
   neuralAllocations: number
+  /** Native buffers freed. */
   neuralDeallocations: number
   /** Host + GPU bytes held by every model cache now. */
   neuralMemoryBytes: number
+  /** Model lookups served from a cache. */
   neuralCacheHits: number
+  /** Model lookups that had to load. */
   neuralCacheMisses: number
   /** Successful acquires / acquires, 0..1; 1 when nothing was asked. */
   poolSuccessRate: number
@@ -465,8 +495,11 @@ export interface MetricsSnapshot {
   secondsSinceReset: number
   /** Leases and model handles alive now. */
   liveResources: number
+  /** One entry per connection pool. */
   pools: Array<PoolDetail>
+  /** One entry per model cache. */
   caches: Array<ModelCacheDetail>
+  /** One entry per model ever loaded (series are kept, counters monotonic). */
   models: Array<ModelDetail>
   /** Absent where the process cannot be read (non-Linux). */
   process?: ProcessDetail
@@ -474,28 +507,41 @@ export interface MetricsSnapshot {
 
 /** One model cache in a snapshot. Counters count since the last `reset()`; sizes are now. */
 export interface ModelCacheDetail {
+  /** The cache's `name` option (made unique). */
   name: string
   /** Models held now. */
   models: number
+  /** Host bytes held now. */
   hostBytes: number
+  /** GPU bytes held now. */
   gpuBytes: number
+  /** Models loaded. */
   loads: number
+  /** Loads that failed. */
   loadFailures: number
+  /** Lookups served from the cache. */
   hits: number
+  /** Lookups that had to load. */
   misses: number
   /** `hits / (hits + misses)`, 0..1; 0 when nothing was looked up. */
   hitRate: number
   /** LRU (count and bytes) and explicit evictions. */
   evictions: number
+  /** LRU evictions under `maxModels`. */
   evictionsCount: number
+  /** LRU evictions under `maxBytes`. */
   evictionsBytes: number
+  /** `evict()` / `clear()`. */
   evictionsExplicit: number
   /** Models removed for age (TTL). */
   expirations: number
   /** Native buffers allocated for weights and workspaces. */
   allocations: number
+  /** Native buffers freed. */
   deallocations: number
+  /** Time to load a model. */
   loadLatency: MetricsLatency
+  /** Time to run a prediction, across models. */
   predictLatency: MetricsLatency
 }
 
@@ -555,8 +601,11 @@ export interface ModelDetail {
   device: string
   /** Predictions since the last `reset()`. */
   predictions: number
+  /** Host bytes held by this model now. */
   hostBytes: number
+  /** GPU bytes held by this model now. */
   gpuBytes: number
+  /** Time to run one prediction (1 % precision). */
   predictLatency: MetricsLatency
 }
 
@@ -579,33 +628,47 @@ export interface PoolDetail {
   name: string
   /** `postgres`, `sqlite` or `redis`. */
   backend: string
+  /** Most connections the pool may open. */
   maxSize: number
   /** Open connections, idle or in use. */
   size: number
+  /** Open connections waiting in the pool. */
   idle: number
+  /** Connections leased out now. */
   inUse: number
   /** Callers waiting for a connection. */
   waiting: number
   /** `inUse / maxSize` in percent. */
   utilizationPercent: number
+  /** Acquires requested. */
   gets: number
+  /** Acquires that returned a connection. */
   successfulGets: number
   /** All acquire timeouts: `timeoutsWait + timeoutsConnect + timeoutsValidate`. */
   timeouts: number
+  /** Timed out waiting for a free connection. */
   timeoutsWait: number
+  /** Timed out opening a connection. */
   timeoutsConnect: number
+  /** Timed out checking a connection before handing it out. */
   timeoutsValidate: number
   /** Acquires refused at once because the wait queue was full (`POOL_EXHAUSTED`). */
   rejected: number
   /** `errorsConnect + errorsQuery`. */
   errors: number
+  /** Connections that failed to open. */
   errorsConnect: number
+  /** Queries that failed. */
   errorsQuery: number
+  /** Connections opened. */
   created: number
+  /** Connections retired for age or idleness. */
   recycled: number
+  /** Connections closed. */
   destroyed: number
   /** Leases collected by the garbage collector without release. */
   leakedLeases: number
+  /** Queries and commands run. */
   queries: number
   /** `successfulGets / gets`, 0..1; 1 when nothing was asked. */
   successRate: number
@@ -655,11 +718,11 @@ export interface PoolMetrics {
   /** Acquires refused at once because `maxWaiting` callers were queued. */
   rejected: number
   /** Time to check out a connection. */
-  acquire: LatencyPercentiles
+  acquire: MetricsLatency
   /** Time a lease was held. */
-  usage: LatencyPercentiles
+  usage: MetricsLatency
   /** Time a statement or command took on its connection. */
-  query: LatencyPercentiles
+  query: MetricsLatency
 }
 
 /** Options for a `ConnectionPool`. Every duration is in milliseconds. */
@@ -726,34 +789,51 @@ export interface PredictOptions {
 
 /** The process: memory, file descriptors, threads, their alert levels and growth verdicts. */
 export interface ProcessDetail {
+  /** Resident set size. */
   residentBytes: number
+  /** `residentBytes` in MiB. */
   residentMb: number
   /** Cgroup memory limit if set, else physical memory. */
   memoryLimitBytes?: number
+  /** `residentBytes / memoryLimitBytes` in percent. */
   memoryPercent?: number
+  /** Alert level of `memoryPercent` (thresholds: `alertThresholds().memoryPercent`). */
   memoryLevel: 'ok' | 'warning' | 'error' | 'critical'
+  /** Open file descriptors. */
   openFds: number
   /** Soft limit on open files; absent when unlimited. */
   maxFds?: number
+  /** `openFds / maxFds` in percent. */
   fdPercent?: number
+  /** Alert level of `fdPercent` (thresholds: `alertThresholds().fdPercent`). */
   fdLevel: 'ok' | 'warning' | 'error' | 'critical'
+  /** Operating-system threads. */
   threads: number
+  /** Growth verdict on resident memory. */
   memoryGrowth: GrowthDetail
+  /** Growth verdict on open descriptors. */
   fdGrowth: GrowthDetail
 }
 
 /** What `PromClientMetric.get()` returns (prom-client's `MetricObjectWithValues`). */
 export interface PromClientMetricData {
+  /** Family name. */
   name: string
+  /** Help text. */
   help: string
+  /** `counter`, `gauge` or `histogram`. */
   type: string
+  /** `sum`. */
   aggregator: string
+  /** Every sample of the family. */
   values: Array<PromClientSample>
 }
 
 /** A sample as prom-client's `get()` returns it. */
 export interface PromClientSample {
+  /** The sample value. */
   value: number
+  /** Label names and values. */
   labels: Record<string, string>
   /** `…_bucket`, `…_sum`, `…_count` for histograms; absent otherwise. */
   metricName?: string
@@ -782,6 +862,7 @@ export interface QueryResult {
 
 /** Nanoseconds per recorded event, from `Metrics.benchmarkRecording()`. */
 export interface RecordingCost {
+  /** Events recorded of each kind. */
   events: number
   /** One counter increment. */
   counterNs: number
@@ -806,8 +887,11 @@ export interface ReporterOptions {
 
 /** Warning, error and critical levels of one alert, each inclusive. */
 export interface ThresholdLevels {
+  /** Percent at or above which the level is `warning`. */
   warning: number
+  /** Percent at or above which the level is `error`. */
   error: number
+  /** Percent at or above which the level is `critical`. */
   critical: number
 }
 

@@ -1,7 +1,7 @@
 import { spawnSync } from 'node:child_process'
 import path from 'node:path'
 
-import { collectDefaultMetrics, Counter, Registry as PromRegistry } from 'prom-client'
+import { collectDefaultMetrics, Counter, type OpenMetricsContentType, Registry as PromRegistry } from 'prom-client'
 
 import * as qm from '../index'
 import { Metrics, type MetricsReport } from '../index'
@@ -122,7 +122,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 const WEIRD = 'desk "A"\\east\nline'
 
 describe('Metrics registry', () => {
-  it('global() is one process-wide registry; new Metrics() is empty and separate', () => {
+  it('new Metrics() starts empty, with every seed field', () => {
     const a = Metrics.global().snapshot()
     const fresh = new Metrics().snapshot()
     expect(fresh.pools).toEqual([])
@@ -215,6 +215,11 @@ describe('Metrics with real pool work (SQLite in memory)', () => {
 
   const mine = () => m.snapshot().pools.find((p) => p.name === pool.name)!
 
+  it('pools report into Metrics.global(), not into a separate new Metrics()', () => {
+    expect(Metrics.global().snapshot().pools.map((p) => p.name)).toContain(pool.name)
+    expect(new Metrics().snapshot().pools).toEqual([])
+  })
+
   it('counts acquires and queries, with latency percentiles, and re-baselines on reset', async () => {
     m.reset()
     const zero = m.snapshot()
@@ -297,11 +302,10 @@ describe('Metrics with real pool work (SQLite in memory)', () => {
       b.release()
     }
     expect(mine().inUse).toBe(0)
+    expect(m.leaks().filter((l) => l.name === pool.name)).toEqual([])
   })
 
-  // Known gap (src/pool/lease.rs: `finish()` keeps the LiveToken until the lease object is
-  // collected). When it is fixed this test starts failing: turn `it.failing` into `it`.
-  it.failing('a released lease leaves leaks() at once, without waiting for GC', async () => {
+  it('a released lease leaves leaks() at once, without waiting for GC', async () => {
     const overdue = () => m.leaks().filter((l) => l.name === pool.name).length
     const before = overdue()
     const lease = await pool.acquire()
@@ -480,7 +484,8 @@ describe('Reporter', () => {
     const worker = new Worker(
       `const { parentPort } = require('node:worker_threads')
        const { Metrics } = require(${JSON.stringify(path.join(__dirname, '..', 'index.js'))})
-       Metrics.global().startReporter({ intervalMs: 10, onReport: () => parentPort.postMessage('tick') })`,
+       Metrics.global().startReporter({ intervalMs: 10, onReport: () => parentPort.postMessage('tick') })
+       setInterval(() => {}, 1000) // the reporter alone would let the worker exit`,
       { eval: true },
     )
     await new Promise((resolve) => worker.once('message', resolve))
@@ -534,14 +539,16 @@ describe('prom-client interop', () => {
     if (promtool) promtoolCheck(text, true)
     if (python) pythonParse(text, 'prom')
 
-    // registerMetric works too, and OpenMetrics registries merge with an OpenMetrics collector.
-    const om = new PromRegistry(PromRegistry.OPENMETRICS_CONTENT_TYPE)
-    for (const metric of Metrics.global().prometheusCollector({ openMetrics: true, includeProcess: false }).getMetricsAsArray()) {
-      om.registerMetric(metric as any)
-    }
+    // registerMetric works too, in an OpenMetrics registry with an OpenMetrics collector.
+    const om = new PromRegistry<OpenMetricsContentType>()
+    om.setContentType(PromRegistry.OPENMETRICS_CONTENT_TYPE)
+    const omCollector = Metrics.global().prometheusCollector({ openMetrics: true, includeProcess: false })
+    expect(omCollector.contentType).toBe(PromRegistry.OPENMETRICS_CONTENT_TYPE)
+    for (const metric of omCollector.getMetricsAsArray()) om.registerMetric(metric as any)
     const omText = await om.metrics()
     expect(omText).toContain('qm_pool_acquires_total{pool="interop"} 1')
     expect(omText).toContain('# TYPE qm_pool_acquires counter')
+    expect(omText.endsWith('# EOF\n')).toBe(true)
     if (python) pythonParse(omText, 'om')
     await pool.close()
   })

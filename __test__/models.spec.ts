@@ -1,74 +1,18 @@
-import { spawnSync } from 'node:child_process'
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
+import { closeness, exportLstm as lstmTo, exportMlp as mlpTo, randomInput, reference as numpy, rng, ROOT } from '../benchmark/models-support'
 import { Metrics, type Model, ModelCache } from '../index'
 
-const ROOT = path.join(__dirname, '..')
-const TOOLS = path.join(ROOT, 'tools')
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'qm-models-'))
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }))
 
-/** Runs a tools/ script; NumPy is required (CI: pip install -r tools/requirements.txt). */
-function python(script: string, args: string[]): void {
-  const r = spawnSync('python3', [path.join(TOOLS, script), ...args], { cwd: TOOLS, encoding: 'utf8' })
-  if (r.status !== 0) {
-    throw new Error(`python3 ${script} ${args.join(' ')} failed (pip install -r tools/requirements.txt?):\n${r.stderr}`)
-  }
-}
-
-function exportMlp(name: string, seed: number, dims: number[], acts: string[]): string {
-  const file = path.join(tmp, `${name}.safetensors`)
-  python('export_safetensors.py', ['mlp', file, String(seed), dims.join(','), acts.join(',')])
-  return file
-}
-
-function exportLstm(name: string, seed: number, input: number, hidden: number, layers: number, seq: number, head: number[], acts: string[]): string {
-  const file = path.join(tmp, `${name}.safetensors`)
-  python('export_safetensors.py', ['lstm', file, String(seed), String(input), String(hidden), String(layers), String(seq), head.join(','), acts.join(',')])
-  return file
-}
-
-/** NumPy (float64) forward pass on the same weights. */
-function reference(model: string, input: Float32Array, batch: number): Float64Array {
-  const inFile = path.join(tmp, `in-${process.hrtime.bigint()}.f32`)
-  const outFile = `${inFile}.out`
-  fs.writeFileSync(inFile, Buffer.from(input.buffer, input.byteOffset, input.byteLength))
-  python('reference_numpy.py', [model, inFile, outFile, String(batch)])
-  const raw = fs.readFileSync(outFile)
-  return new Float64Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength))
-}
-
-/** Deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
-
-function randomInput(n: number, seed: number): Float32Array {
-  const r = rng(seed)
-  return Float32Array.from({ length: n }, () => r() * 4 - 2)
-}
-
-/** Worst error against the reference: 1e-5 relative, 1e-6 absolute near zero. */
-function expectClose(actual: Float32Array, expected: Float64Array): number {
-  expect(actual.length).toBe(expected.length)
-  let worst = 0
-  for (let i = 0; i < actual.length; i++) {
-    const err = Math.abs(actual[i] - expected[i])
-    const allowed = Math.max(1e-5 * Math.abs(expected[i]), 1e-6)
-    worst = Math.max(worst, err / allowed)
-    if (err > allowed) throw new Error(`output ${i}: ${actual[i]} vs reference ${expected[i]} (error ${err}, allowed ${allowed})`)
-  }
-  return worst
-}
+const exportMlp = (name: string, seed: number, dims: number[], acts: string[]) => mlpTo(path.join(tmp, `${name}.safetensors`), seed, dims, acts)
+const exportLstm = (name: string, seed: number, input: number, hidden: number, layers: number, seq: number, head: number[], acts: string[]) =>
+  lstmTo(path.join(tmp, `${name}.safetensors`), seed, input, hidden, layers, seq, head, acts)
+const reference = (model: string, input: Float32Array, batch: number) => numpy(model, input, batch, tmp)
+const expectClose = (actual: Float32Array, expected: Float64Array) => closeness(actual, expected)
 
 async function collect(): Promise<void> {
   for (let i = 0; i < 3; i++) {
@@ -233,6 +177,20 @@ describe('ModelCache: concurrency, ownership and GC', () => {
     expect(await codeOf(model.predict(new Float32Array(7)))).toBe('INVALID_ARGUMENT')
     expect(await codeOf(model.predict(new Float32Array(0)))).toBe('INVALID_ARGUMENT')
     expect(await codeOf(model.predict(new Float32Array(8), { batch: 0 }))).toBe('INVALID_ARGUMENT')
+  })
+
+  it('wrong argument types are INVALID_ARGUMENT, never a crash', async () => {
+    const cache = cpu()
+    const model = await cache.load('m', path.join(ROOT, 'models/sample-mlp.safetensors'))
+    const any = (v: unknown) => v as any
+    expect(await codeOf(() => model.predictSync(any([1, 2, 3, 4, 5, 6, 7, 8])))).toBe('INVALID_ARGUMENT')
+    expect(await codeOf(() => model.predictSync(any(new Float64Array(8))))).toBe('INVALID_ARGUMENT')
+    expect(await codeOf(model.predict(any('x')))).toBe('INVALID_ARGUMENT')
+    expect(await codeOf(model.predict(new Float32Array(8), { batch: -1 }))).toBe('INVALID_ARGUMENT')
+    expect(await codeOf(model.predict(new Float32Array(8), { batch: 1.5 }))).toBe('INVALID_ARGUMENT')
+    expect(await codeOf(cache.load(any(5), 'x'))).toBe('INVALID_ARGUMENT')
+    expect(await codeOf(cache.load('', 'x'))).toBe('INVALID_ARGUMENT')
+    expect(await codeOf(cache.load('x', any({})))).toBe('INVALID_ARGUMENT')
   })
 
   it('a released handle fails; [Symbol.dispose] releases', async () => {

@@ -54,7 +54,7 @@ describeWithRedis('ConnectionPool on Redis', () => {
   it('reports server errors as QUERY_FAILED and keeps serving', async () => {
     const pool = open({ url: redisUrl!, maxSize: 1 })
     await pool.command('SET', [key('str'), 'x'])
-    const err = await pool.command('LPUSH', [key('str'), 'y']).catch((e) => e)
+    const err: any = await pool.command('LPUSH', [key('str'), 'y']).catch((e) => e)
     expect(err.code).toBe('QUERY_FAILED')
     expect(err.message).toMatch(/WRONGTYPE/)
     await expect(pool.command('NOT A COMMAND')).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' })

@@ -4,7 +4,6 @@
 //   npm run bench:models -- --quick  short form for CI
 // Needs python3 with numpy and onnx (pip install -r tools/requirements.txt) to export the
 // weights to ONNX, and onnxruntime-node (a devDependency).
-import { spawnSync } from 'node:child_process'
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
@@ -13,28 +12,11 @@ import { performance } from 'node:perf_hooks'
 import * as ort from 'onnxruntime-node'
 
 import { ModelCache } from '../index'
+import { exportMlp, python, rng } from './models-support'
 import { median, printTable, type Row } from './support'
 
 const quick = process.argv.includes('--quick')
-const ROOT = path.join(__dirname, '..')
-const TOOLS = path.join(ROOT, 'tools')
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'qm-bench-models-'))
-
-function python(script: string, args: string[]): void {
-  const r = spawnSync('python3', [path.join(TOOLS, script), ...args], { cwd: TOOLS, encoding: 'utf8' })
-  if (r.status !== 0) throw new Error(`python3 ${script} failed (pip install -r tools/requirements.txt):\n${r.stderr}`)
-}
-
-function rng(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 /** Calls `fn` (sequentially) until `ms` have passed; returns per-call times in ms. */
 async function sample(fn: () => unknown, ms: number): Promise<number[]> {
@@ -76,7 +58,7 @@ async function loadTimes(): Promise<Row[]> {
   const cache = new ModelCache({ device: 'auto', cleanupIntervalMs: 0 })
   for (const [label, dims] of sizes) {
     const file = path.join(tmp, `load-${label.replace(' ', '')}.safetensors`)
-    python('export_safetensors.py', ['mlp', file, '1', dims.join(','), 'relu,relu,none'])
+    exportMlp(file, 1, dims, ['relu', 'relu', 'none'])
     const bytes = fs.statSync(file).size
     const buffer = fs.readFileSync(file)
     const rounds = quick ? 5 : 15
@@ -121,7 +103,7 @@ async function loadTimes(): Promise<Row[]> {
 async function predictVsOrt(): Promise<Row[]> {
   const file = path.join(tmp, 'mlp-64-256-256-1.safetensors')
   const onnxFile = path.join(tmp, 'mlp-64-256-256-1.onnx')
-  python('export_safetensors.py', ['mlp', file, '42', '64,256,256,1', 'relu,relu,none'])
+  exportMlp(file, 42, [64, 256, 256, 1], ['relu', 'relu', 'none'])
   python('export_onnx.py', [file, onnxFile])
   const cache = new ModelCache({ device: 'auto', cleanupIntervalMs: 0 })
   const model = await cache.load('mlp', file)

@@ -50,7 +50,11 @@ impl Dispatcher {
         if first {
             // Wake the main thread once; it drains everything queued by then.
             unsafe {
-                sys::napi_call_threadsafe_function(self.tsfn.0, ptr::null_mut(), sys::ThreadsafeFunctionCallMode::nonblocking)
+                sys::napi_call_threadsafe_function(
+                    self.tsfn.0,
+                    ptr::null_mut(),
+                    sys::ThreadsafeFunctionCallMode::nonblocking,
+                )
             };
         }
     }
@@ -67,7 +71,12 @@ thread_local! {
     static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
 }
 
-unsafe extern "C" fn drain(env: sys::napi_env, _js_cb: sys::napi_value, context: *mut c_void, _data: *mut c_void) {
+unsafe extern "C" fn drain(
+    env: sys::napi_env,
+    _js_cb: sys::napi_value,
+    context: *mut c_void,
+    _data: *mut c_void,
+) {
     if env.is_null() {
         return;
     }
@@ -102,18 +111,35 @@ unsafe extern "C" fn finalize(_env: sys::napi_env, data: *mut c_void, _hint: *mu
 unsafe extern "C" fn cleanup(arg: *mut c_void) {
     let dispatcher = unsafe { &*(arg as *const Dispatcher) };
     dispatcher.closed.store(true, Ordering::Release);
-    unsafe { sys::napi_release_threadsafe_function(dispatcher.tsfn.0, sys::ThreadsafeFunctionReleaseMode::abort) };
+    unsafe {
+        sys::napi_release_threadsafe_function(
+            dispatcher.tsfn.0,
+            sys::ThreadsafeFunctionReleaseMode::abort,
+        )
+    };
     LOCAL.with(|l| l.borrow_mut().take());
 }
 
 fn dispatcher(env: &Env) -> napi::Result<Arc<Dispatcher>> {
     let raw_env = env.raw();
-    if let Some(d) = LOCAL.with(|l| l.borrow().as_ref().filter(|x| x.env == raw_env).map(|x| Arc::clone(&x.dispatcher))) {
+    if let Some(d) = LOCAL.with(|l| {
+        l.borrow()
+            .as_ref()
+            .filter(|x| x.env == raw_env)
+            .map(|x| Arc::clone(&x.dispatcher))
+    }) {
         return Ok(d);
     }
     let mut name = ptr::null_mut();
     let label = "quartermaster.completions";
-    unsafe { sys::napi_create_string_utf8(raw_env, label.as_ptr().cast(), label.len() as isize, &mut name) };
+    unsafe {
+        sys::napi_create_string_utf8(
+            raw_env,
+            label.as_ptr().cast(),
+            label.len() as isize,
+            &mut name,
+        )
+    };
     // The dispatcher's address is fixed before the threadsafe function exists; fill it after.
     let dispatcher = Arc::new(Dispatcher {
         tsfn: Tsfn(ptr::null_mut()),
@@ -139,7 +165,9 @@ fn dispatcher(env: &Env) -> napi::Result<Arc<Dispatcher>> {
     };
     if status != sys::Status::napi_ok {
         drop(unsafe { Arc::from_raw(context as *const Dispatcher) });
-        return Err(napi::Error::from_reason("could not create the completion channel"));
+        return Err(napi::Error::from_reason(
+            "could not create the completion channel",
+        ));
     }
     // Safe: no other thread has seen `dispatcher` yet.
     let dispatcher = unsafe {
@@ -149,7 +177,11 @@ fn dispatcher(env: &Env) -> napi::Result<Arc<Dispatcher>> {
     };
     unsafe {
         sys::napi_unref_threadsafe_function(raw_env, tsfn);
-        sys::napi_add_env_cleanup_hook(raw_env, Some(cleanup), Arc::as_ptr(&dispatcher) as *mut c_void);
+        sys::napi_add_env_cleanup_hook(
+            raw_env,
+            Some(cleanup),
+            Arc::as_ptr(&dispatcher) as *mut c_void,
+        );
     }
     LOCAL.with(|l| {
         *l.borrow_mut() = Some(Local {
@@ -172,21 +204,27 @@ fn error_value(env: &Env, err: napi::Error) -> sys::napi_value {
     }
 }
 
-/// Runs an owned future on the tokio runtime and settles a promise on the main thread:
-/// `Ok` through `convert`, `Err` as a coded JS error. The future must own what it uses —
-/// never a borrow of a `#[napi]` object (a terminated worker would free it mid-await).
-pub(crate) fn spawn<'env, T, V, F, C>(env: &'env Env, fut: F, convert: C) -> napi::Result<PromiseRaw<'env, V>>
+/// Settles one promise; callable from any thread.
+pub(crate) type Complete<T> = Box<dyn FnOnce(Result<T, Error>) + Send>;
+
+/// A promise and the one-shot function that settles it from any thread: `Ok` through
+/// `convert` on the main thread, `Err` as a coded JS error.
+pub(crate) fn promise<'env, T, V, C>(
+    env: &'env Env,
+    convert: C,
+) -> napi::Result<(Complete<T>, PromiseRaw<'env, V>)>
 where
     T: Send + 'static,
     V: ToNapiValue + 'static,
-    F: Future<Output = Result<T, Error>> + Send + 'static,
     C: FnOnce(&Env, T) -> napi::Result<V> + Send + 'static,
 {
     let dispatcher = dispatcher(env)?;
     let raw_env = env.raw();
     let mut deferred = ptr::null_mut();
     let mut promise = ptr::null_mut();
-    if unsafe { sys::napi_create_promise(raw_env, &mut deferred, &mut promise) } != sys::Status::napi_ok {
+    if unsafe { sys::napi_create_promise(raw_env, &mut deferred, &mut promise) }
+        != sys::Status::napi_ok
+    {
         return Err(napi::Error::from_reason("could not create a promise"));
     }
     LOCAL.with(|l| {
@@ -198,17 +236,36 @@ where
         }
     });
     let deferred = Deferred(deferred);
-    let task = async move {
-        let out = fut.await;
+    let complete = move |out: Result<T, Error>| {
         let settle: Settle = Box::new(move |env: &Env| match out {
-            Ok(value) => match convert(env, value).and_then(|v| unsafe { V::to_napi_value(env.raw(), v) }) {
-                Ok(js) => Ok(js),
-                Err(e) => Err(error_value(env, e)),
-            },
+            Ok(value) => {
+                match convert(env, value).and_then(|v| unsafe { V::to_napi_value(env.raw(), v) }) {
+                    Ok(js) => Ok(js),
+                    Err(e) => Err(error_value(env, e)),
+                }
+            }
             Err(err) => Err(error_value(env, js_error(env, err))),
         });
         dispatcher.complete(Completion { deferred, settle });
     };
-    super::runtime().spawn(task);
-    Ok(PromiseRaw::new(raw_env, promise))
+    Ok((Box::new(complete), PromiseRaw::new(raw_env, promise)))
+}
+
+/// Runs an owned future on the tokio runtime and settles a promise with its result. The
+/// future must own what it uses — never a borrow of a `#[napi]` object (a terminated worker
+/// would free it mid-await).
+pub(crate) fn spawn<'env, T, V, F, C>(
+    env: &'env Env,
+    fut: F,
+    convert: C,
+) -> napi::Result<PromiseRaw<'env, V>>
+where
+    T: Send + 'static,
+    V: ToNapiValue + 'static,
+    F: Future<Output = Result<T, Error>> + Send + 'static,
+    C: FnOnce(&Env, T) -> napi::Result<V> + Send + 'static,
+{
+    let (complete, promise) = promise(env, convert)?;
+    super::runtime().spawn(async move { complete(fut.await) });
+    Ok(promise)
 }

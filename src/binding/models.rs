@@ -5,13 +5,17 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use napi::bindgen_prelude::{Either, Float32ArraySlice, ObjectFinalize, PromiseRaw, Uint8ArraySlice};
-use napi::Env;
+use napi::bindgen_prelude::{
+    Float32ArraySlice, ObjectFinalize, PromiseRaw, Uint8ArraySlice, Unknown,
+};
+use napi::{Env, ValueType};
 use napi_derive::napi;
 
 use crate::error::{Error, Result as CoreResult};
 use crate::metrics::{LiveResource, LiveToken, Registry};
-use crate::models::{self as core, CacheConfig, DeviceRequest, MemoryUsage, ModelHandle, ModelSource};
+use crate::models::{
+    self as core, CacheConfig, DeviceRequest, MemoryUsage, ModelHandle, ModelSource,
+};
 
 use super::{js_error, spawn};
 
@@ -19,7 +23,7 @@ use super::{js_error, spawn};
 #[napi(object)]
 pub struct ModelCacheOptions {
     /// Most models resident at once (LRU eviction beyond it). Default 100.
-    pub max_models: Option<u32>,
+    pub max_models: Option<f64>,
     /// Most bytes of weights resident at once, host and GPU together (LRU eviction beyond it).
     /// Default 4 GiB. Note: `4 << 30` is 0 in JavaScript; write `4 * 2 ** 30`.
     pub max_bytes: Option<f64>,
@@ -42,7 +46,7 @@ pub struct ModelCacheOptions {
 pub struct PredictOptions {
     /// Samples in the input. When given, the input must hold exactly `batch × inputSize ×
     /// sequenceLength` floats; otherwise the batch is inferred from the input length.
-    pub batch: Option<u32>,
+    pub batch: Option<f64>,
 }
 
 /// Bytes a model (or a whole cache) holds. Exact.
@@ -119,9 +123,81 @@ impl ExternalMemory {
 fn bytes_option(name: &str, value: Option<f64>, default: u64) -> CoreResult<u64> {
     match value {
         None => Ok(default),
-        Some(v) if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= 9_007_199_254_740_991.0 => Ok(v as u64),
+        Some(v)
+            if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= 9_007_199_254_740_991.0 =>
+        {
+            Ok(v as u64)
+        }
         Some(v) => Err(Error::invalid_argument(format!(
             "{name} is {v}; expected a whole number of at least 0"
+        ))),
+    }
+}
+
+fn type_name(value: &Unknown) -> &'static str {
+    match value.get_type() {
+        Ok(ValueType::Undefined) => "undefined",
+        Ok(ValueType::Null) => "null",
+        Ok(ValueType::Boolean) => "a boolean",
+        Ok(ValueType::Number) => "a number",
+        Ok(ValueType::String) => "a string",
+        Ok(ValueType::BigInt) => "a bigint",
+        Ok(ValueType::Function) => "a function",
+        _ => "an object of another type",
+    }
+}
+
+/// The prediction input: a `Float32Array`, or `INVALID_ARGUMENT`.
+fn float32_input<'a>(value: &Unknown<'a>) -> CoreResult<Float32ArraySlice<'a>> {
+    // SAFETY: the conversion checks that the value is a Float32Array and fails otherwise.
+    unsafe { value.cast::<Float32ArraySlice<'a>>() }.map_err(|_| {
+        Error::invalid_argument(format!(
+            "input must be a Float32Array, got {}",
+            type_name(value)
+        ))
+    })
+}
+
+fn batch_option(options: Option<PredictOptions>) -> CoreResult<Option<u32>> {
+    match options.and_then(|o| o.batch) {
+        None => Ok(None),
+        Some(b) if b.fract() == 0.0 && (1.0..=f64::from(u32::MAX)).contains(&b) => {
+            Ok(Some(b as u32))
+        }
+        Some(b) => Err(Error::invalid_argument(format!(
+            "batch is {b}; expected a whole number of at least 1"
+        ))),
+    }
+}
+
+fn model_id(value: &Unknown) -> CoreResult<String> {
+    if value.get_type().ok() == Some(ValueType::String) {
+        // SAFETY: checked to be a string just above.
+        if let Ok(id) = unsafe { value.cast::<String>() } {
+            if !id.is_empty() {
+                return Ok(id);
+            }
+        }
+    }
+    Err(Error::invalid_argument(format!(
+        "model id must be a non-empty string, got {}",
+        type_name(value)
+    )))
+}
+
+fn model_source(value: &Unknown) -> CoreResult<ModelSource> {
+    if value.get_type().ok() == Some(ValueType::String) {
+        // SAFETY: checked to be a string just above.
+        if let Ok(path) = unsafe { value.cast::<String>() } {
+            return Ok(ModelSource::Path(path.into()));
+        }
+    }
+    // SAFETY: the conversion checks that the value is a Uint8Array (a Buffer is one).
+    match unsafe { value.cast::<Uint8ArraySlice>() } {
+        Ok(bytes) => Ok(ModelSource::Bytes(bytes.to_vec())),
+        Err(_) => Err(Error::invalid_argument(format!(
+            "model source must be a file path or a Buffer/Uint8Array, got {}",
+            type_name(value)
         ))),
     }
 }
@@ -137,34 +213,45 @@ fn config(options: Option<ModelCacheOptions>) -> CoreResult<CacheConfig> {
         name: None,
     });
     let defaults = CacheConfig::default();
-    let millis = |name: &str, v: Option<f64>, default: Option<Duration>| -> CoreResult<Option<Duration>> {
-        let default_ms = default.map_or(0, |d| d.as_millis() as u64);
-        let ms = bytes_option(name, v, default_ms)?;
-        Ok((ms > 0).then(|| Duration::from_millis(ms)))
-    };
+    let millis =
+        |name: &str, v: Option<f64>, default: Option<Duration>| -> CoreResult<Option<Duration>> {
+            let default_ms = default.map_or(0, |d| d.as_millis() as u64);
+            let ms = bytes_option(name, v, default_ms)?;
+            Ok((ms > 0).then(|| Duration::from_millis(ms)))
+        };
     let max_bytes = bytes_option("maxBytes", o.max_bytes, defaults.max_bytes)?;
     if max_bytes == 0 {
         return Err(Error::invalid_argument(
             "maxBytes is 0; no model would fit (note: 4 << 30 is 0 in JavaScript, write 4 * 2 ** 30)",
         ));
     }
-    let max_models = o.max_models.map_or(defaults.max_models, |n| n as usize);
+    let max_models = bytes_option("maxModels", o.max_models, defaults.max_models as u64)?;
     if max_models == 0 {
         return Err(Error::invalid_argument("maxModels must be at least 1"));
     }
+    let max_models = usize::try_from(max_models)
+        .map_err(|_| Error::invalid_argument("maxModels is too large"))?;
     Ok(CacheConfig {
         name: o.name.unwrap_or(defaults.name),
         max_models,
         max_bytes,
         ttl: millis("ttlMs", o.ttl_ms, defaults.ttl)?,
-        cleanup_interval: millis("cleanupIntervalMs", o.cleanup_interval_ms, defaults.cleanup_interval)?,
+        cleanup_interval: millis(
+            "cleanupIntervalMs",
+            o.cleanup_interval_ms,
+            defaults.cleanup_interval,
+        )?,
         device: match o.device {
             Some(d) => d.parse::<DeviceRequest>()?,
             None => defaults.device,
         },
-        tensor_cache_bytes: bytes_option("tensorCacheBytes", o.tensor_cache_bytes, defaults.tensor_cache_bytes as u64)?
-            .try_into()
-            .map_err(|_| Error::invalid_argument("tensorCacheBytes is too large"))?,
+        tensor_cache_bytes: bytes_option(
+            "tensorCacheBytes",
+            o.tensor_cache_bytes,
+            defaults.tensor_cache_bytes as u64,
+        )?
+        .try_into()
+        .map_err(|_| Error::invalid_argument("tensorCacheBytes is too large"))?,
     })
 }
 
@@ -205,23 +292,33 @@ impl ModelCache {
     /// background thread. If `id` is resident it is returned at once and `source` is not read;
     /// concurrent loads of one id load it once. Rejects with `MODEL_NOT_FOUND`, `MODEL_FORMAT`,
     /// `DEVICE_OUT_OF_MEMORY` or `INVALID_ARGUMENT` (larger than `maxBytes`).
-    #[napi(catch_unwind, ts_return_type = "Promise<Model>")]
+    #[napi(
+        catch_unwind,
+        ts_args_type = "id: string, source: string | Uint8Array",
+        ts_return_type = "Promise<Model>"
+    )]
     pub fn load<'env>(
         &self,
         env: &'env Env,
-        id: String,
-        source: Either<String, Uint8ArraySlice>,
+        id: Unknown,
+        source: Unknown,
     ) -> napi::Result<PromiseRaw<'env, Model>> {
-        let source = match source {
-            Either::A(path) => ModelSource::Path(path.into()),
-            Either::B(bytes) => ModelSource::Bytes(bytes.to_vec()),
-        };
         let external = Arc::clone(&self.external);
         let ttl = self.core.ttl();
-        spawn(env, self.core.load(id, source), move |env, handle: ModelHandle| {
-            external.sync(env, handle.cache_memory_usage());
-            Ok(Model::new(handle, external, ttl))
-        })
+        let load = model_id(&id).and_then(|id| Ok(self.core.load(id, model_source(&source)?)));
+        spawn(
+            env,
+            async move {
+                match load {
+                    Ok(loading) => loading.await,
+                    Err(e) => Err(e),
+                }
+            },
+            move |env, handle: ModelHandle| {
+                external.sync(env, handle.cache_memory_usage());
+                Ok(Model::new(handle, external, ttl))
+            },
+        )
     }
 
     /// The resident model `id`, or `null` (counted as a hit or a miss).
@@ -340,6 +437,20 @@ impl Model {
         }
     }
 
+    /// Checks the input and copies it into a workspace of the model.
+    fn start(
+        &self,
+        input: &Unknown,
+        options: Option<PredictOptions>,
+    ) -> CoreResult<core::Prediction> {
+        let input = float32_input(input)?;
+        let mut p = self
+            .handle()?
+            .prepare(input.len(), batch_option(options)?)?;
+        p.input_mut().copy_from_slice(&input);
+        Ok(p)
+    }
+
     fn handle(&self) -> CoreResult<&ModelHandle> {
         self.handle.as_ref().ok_or_else(|| {
             Error::invalid_argument(format!("model '{}' handle was released", self.info.id))
@@ -395,20 +506,20 @@ impl Model {
     /// Runs the model on a background thread. Input: `Float32Array` of `batch × sequenceLength ×
     /// inputSize` floats; output: `batch × outputSize`. Rejects with `INVALID_ARGUMENT` (input
     /// length, saying expected vs got) or `MODEL_EVICTED`.
-    #[napi(catch_unwind, ts_return_type = "Promise<Float32Array>")]
+    #[napi(
+        catch_unwind,
+        ts_args_type = "input: Float32Array, options?: PredictOptions | undefined | null",
+        ts_return_type = "Promise<Float32Array>"
+    )]
     pub fn predict<'env>(
         &self,
         env: &'env Env,
-        input: Float32ArraySlice,
+        input: Unknown,
         options: Option<PredictOptions>,
     ) -> napi::Result<PromiseRaw<'env, Float32ArraySlice<'env>>> {
-        let batch = options.and_then(|o| o.batch);
         // The input is copied into the model's workspace here, on the main thread; the future
         // owns everything it touches.
-        let prepared = self.handle().and_then(|h| h.prepare(input.len(), batch)).map(|mut p| {
-            p.input_mut().copy_from_slice(&input);
-            p
-        });
+        let prepared = self.start(&input, options);
         let external = Arc::clone(&self.external);
         let handle = self.handle.clone();
         spawn(
@@ -431,17 +542,18 @@ impl Model {
 
     /// `predict` on the calling thread, for tiny models where the hop to a worker costs more
     /// than the work. Throws the same errors.
-    #[napi(catch_unwind)]
+    #[napi(
+        catch_unwind,
+        ts_args_type = "input: Float32Array, options?: PredictOptions | undefined | null"
+    )]
     pub fn predict_sync<'env>(
         &self,
         env: &'env Env,
-        input: Float32ArraySlice,
+        input: Unknown,
         options: Option<PredictOptions>,
     ) -> napi::Result<Float32ArraySlice<'env>> {
-        let batch = options.and_then(|o| o.batch);
         let run = || -> CoreResult<core::Prediction> {
-            let mut p = self.handle()?.prepare(input.len(), batch)?;
-            p.input_mut().copy_from_slice(&input);
+            let mut p = self.start(&input, options)?;
             p.run()?;
             Ok(p)
         };

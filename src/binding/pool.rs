@@ -9,12 +9,13 @@ use napi::bindgen_prelude::{JsObjectValue, PromiseRaw, Unknown};
 use napi::{sys, Env, JsValue};
 use napi_derive::napi;
 
-use super::{js_error, runtime, spawn};
 use super::values::{self, Reply, Rows};
+use super::metrics::{Metrics, MetricsLatency};
+use super::{js_error, promise, runtime, spawn};
 use crate::error::{Error, Result as CoreResult};
 use crate::metrics::Registry;
 use crate::pool::config::{Int8Mode, PoolConfig, PoolOptions as CoreOptions};
-use crate::pool::{self, Lease, Operation, Outcome, Pool, Value};
+use crate::pool::{self, Lease, Outcome, Pool, Statement, Value};
 
 /// TLS settings for PostgreSQL (and `rediss://`).
 #[napi(object)]
@@ -89,28 +90,6 @@ pub struct PoolStatus {
     pub waiting: u32,
 }
 
-/// Latency percentiles in milliseconds.
-#[napi(object, object_from_js = false)]
-pub struct LatencyPercentiles {
-    pub p50: f64,
-    pub p90: f64,
-    pub p95: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
-impl From<crate::metrics::Percentiles> for LatencyPercentiles {
-    fn from(p: crate::metrics::Percentiles) -> Self {
-        LatencyPercentiles {
-            p50: p.p50,
-            p90: p.p90,
-            p95: p.p95,
-            p99: p.p99,
-            max: p.max,
-        }
-    }
-}
-
 /// Counters since the pool was created, and latency percentiles.
 #[napi(object, object_from_js = false)]
 pub struct PoolMetrics {
@@ -140,11 +119,11 @@ pub struct PoolMetrics {
     /// Acquires refused at once because `maxWaiting` callers were queued.
     pub rejected: f64,
     /// Time to check out a connection.
-    pub acquire: LatencyPercentiles,
+    pub acquire: MetricsLatency,
     /// Time a lease was held.
-    pub usage: LatencyPercentiles,
+    pub usage: MetricsLatency,
     /// Time a statement or command took on its connection.
-    pub query: LatencyPercentiles,
+    pub query: MetricsLatency,
 }
 
 /// `healthy` / `degraded` / `unhealthy` with the figures behind it.
@@ -219,12 +198,19 @@ fn core_options(o: PoolOptions) -> CoreOptions {
 }
 
 /// A rejected promise for input errors, so `.catch()` sees them like any other failure.
-fn reject<'e, V: napi::bindgen_prelude::ToNapiValue + 'static>(env: &'e Env, err: Error) -> napi::Result<PromiseRaw<'e, V>> {
-    spawn(env, async move { Err::<(), _>(err) }, |_, ()| unreachable_value())
+fn reject<'e, V: napi::bindgen_prelude::ToNapiValue + 'static>(
+    env: &'e Env,
+    err: Error,
+) -> napi::Result<PromiseRaw<'e, V>> {
+    spawn(env, async move { Err::<(), _>(err) }, |_, ()| {
+        unreachable_value()
+    })
 }
 
 fn unreachable_value<V>() -> napi::Result<V> {
-    Err(napi::Error::from_reason("unreachable: a rejected operation produced a value"))
+    Err(napi::Error::from_reason(
+        "unreachable: a rejected operation produced a value",
+    ))
 }
 
 fn rows(result: pool::QueryResult, int8: Int8Mode) -> QueryResult {
@@ -252,8 +238,9 @@ fn pipeline_from_js(env: &Env, commands: sys::napi_value) -> CoreResult<Vec<(Str
     let mut out = Vec::with_capacity(n as usize);
     for i in 0..n {
         let cmd = values::element_at(env, commands, i)?;
-        let len = values::array_length(env, cmd)
-            .map_err(|_| Error::invalid_argument(format!("commands[{i}] must be an array [name, ...args]")))?;
+        let len = values::array_length(env, cmd).map_err(|_| {
+            Error::invalid_argument(format!("commands[{i}] must be an array [name, ...args]"))
+        })?;
         if len == 0 {
             return Err(Error::invalid_argument(format!("commands[{i}] is empty")));
         }
@@ -270,20 +257,35 @@ fn capture_stack(env: &Env, wanted: bool) -> Option<String> {
     if !wanted {
         return None;
     }
-    let err = env.create_error(napi::Error::from_reason("acquired here")).ok()?;
+    let err = env
+        .create_error(napi::Error::from_reason("acquired here"))
+        .ok()?;
     let stack: Option<String> = err.get_named_property("stack").ok();
-    stack.map(|s| s.lines().skip(1).map(str::trim).collect::<Vec<_>>().join("\n"))
+    stack.map(|s| {
+        s.lines()
+            .skip(1)
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
 }
 
 #[napi]
 impl ConnectionPool {
     /// Validates the options (`INVALID_ARGUMENT` names the bad one) and starts the pool.
     /// Connections open lazily, except `minIdle` which are warmed in the background.
+    /// The pool reports into `metrics`, or into `Metrics.global()` when none is given.
     #[napi(constructor)]
-    pub fn new(env: Env, options: PoolOptions) -> napi::Result<Self> {
-        let config = PoolConfig::from_options(core_options(options)).map_err(|e| js_error(&env, e))?;
+    pub fn new(env: Env, options: PoolOptions, metrics: Option<&Metrics>) -> napi::Result<Self> {
+        let config =
+            PoolConfig::from_options(core_options(options)).map_err(|e| js_error(&env, e))?;
         let int8 = config.int8;
-        let pool = Pool::new(config, Registry::global(), runtime()).map_err(|e| js_error(&env, e))?;
+        let pool =
+            Pool::new(
+            config,
+            metrics.map_or_else(Registry::global, |m| Arc::clone(&m.registry)),
+            runtime(),
+        ).map_err(|e| js_error(&env, e))?;
         Ok(ConnectionPool { pool, int8 })
     }
 
@@ -300,55 +302,93 @@ impl ConnectionPool {
     }
 
     /// Runs one statement on a pooled connection and returns its rows.
-    #[napi(ts_args_type = "sql: string, params?: unknown[]", ts_return_type = "Promise<QueryResult>")]
-    pub fn query<'e>(&self, env: &'e Env, sql: String, params: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, QueryResult>> {
+    #[napi(
+        ts_args_type = "sql: string, params?: unknown[]",
+        ts_return_type = "Promise<QueryResult>"
+    )]
+    pub fn query<'e>(
+        &self,
+        env: &'e Env,
+        sql: String,
+        params: Option<Unknown<'e>>,
+    ) -> napi::Result<PromiseRaw<'e, QueryResult>> {
         let params = match values::params_from_js(env, raw(&params)) {
             Ok(p) => p,
             Err(e) => return reject(env, e),
         };
-        let pool = self.pool.clone();
         let int8 = self.int8;
-        spawn(env, async move { pool.query(&sql, &params).await }, move |_, r| Ok(rows(r, int8)))
+        let (complete, promise) =
+            promise(env, move |_, out: Outcome| Ok(rows(out.into_rows(), int8)))?;
+        self.pool.submit(Statement::Query(sql, params), complete);
+        Ok(promise)
     }
 
     /// Runs one statement for its effect and returns the rows affected.
-    #[napi(ts_args_type = "sql: string, params?: unknown[]", ts_return_type = "Promise<ExecuteResult>")]
-    pub fn execute<'e>(&self, env: &'e Env, sql: String, params: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
+    #[napi(
+        ts_args_type = "sql: string, params?: unknown[]",
+        ts_return_type = "Promise<ExecuteResult>"
+    )]
+    pub fn execute<'e>(
+        &self,
+        env: &'e Env,
+        sql: String,
+        params: Option<Unknown<'e>>,
+    ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
         let params = match values::params_from_js(env, raw(&params)) {
             Ok(p) => p,
             Err(e) => return reject(env, e),
         };
-        let pool = self.pool.clone();
-        spawn(env, async move { pool.execute(&sql, &params).await }, |_, r| Ok(done(r)))
+        let (complete, promise) = promise(env, |_, out: Outcome| match out {
+            Outcome::Done(d) => Ok(done(d)),
+            _ => unreachable_value(),
+        })?;
+        self.pool.submit(Statement::Execute(sql, params), complete);
+        Ok(promise)
     }
 
     /// Redis: runs one command, e.g. `command('SET', ['k', 'v'])`.
-    #[napi(ts_args_type = "name: string, args?: Array<string | number | bigint | Buffer>", ts_return_type = "Promise<unknown>")]
-    pub fn command<'e>(&self, env: &'e Env, name: String, args: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, Reply>> {
+    #[napi(
+        ts_args_type = "name: string, args?: Array<string | number | bigint | Buffer>",
+        ts_return_type = "Promise<unknown>"
+    )]
+    pub fn command<'e>(
+        &self,
+        env: &'e Env,
+        name: String,
+        args: Option<Unknown<'e>>,
+    ) -> napi::Result<PromiseRaw<'e, Reply>> {
         let args = match values::params_from_js(env, raw(&args)) {
             Ok(a) => a,
             Err(e) => return reject(env, e),
         };
-        let pool = self.pool.clone();
-        spawn(env, async move { pool.command(&name, &args).await }, |_, v| Ok(Reply(v)))
+        let (complete, promise) = promise(env, |_, out: Outcome| match out {
+            Outcome::Reply(v) => Ok(Reply(v)),
+            _ => unreachable_value(),
+        })?;
+        self.pool.submit(Statement::Command(name, args), complete);
+        Ok(promise)
     }
 
     /// Redis: sends several commands in one round trip, e.g. `pipeline([['SET','k','v'], ['GET','k']])`.
-    #[napi(ts_args_type = "commands: Array<[string, ...Array<string | number | bigint | Buffer>]>", ts_return_type = "Promise<unknown[]>")]
-    pub fn pipeline<'e>(&self, env: &'e Env, commands: Unknown<'e>) -> napi::Result<PromiseRaw<'e, Reply>> {
+    #[napi(
+        ts_args_type = "commands: Array<[string, ...Array<string | number | bigint | Buffer>]>",
+        ts_return_type = "Promise<unknown[]>"
+    )]
+    pub fn pipeline<'e>(
+        &self,
+        env: &'e Env,
+        commands: Unknown<'e>,
+    ) -> napi::Result<PromiseRaw<'e, Reply>> {
         let commands = match pipeline_from_js(env, commands.raw()) {
             Ok(c) => c,
             Err(e) => return reject(env, e),
         };
-        let pool = self.pool.clone();
-        spawn(
-            env,
-            async move { pool.run(&Operation::Pipeline(&commands)).await },
-            |_, out| match out {
-                Outcome::Replies(v) => Ok(Reply(Value::Array(v))),
-                _ => unreachable_value(),
-            },
-        )
+        let (complete, promise) = promise(env, |_, out: Outcome| match out {
+            Outcome::Replies(v) => Ok(Reply(Value::Array(v))),
+            _ => unreachable_value(),
+        })?;
+        self.pool.submit(Statement::Pipeline(commands), complete);
+        Ok(promise)
     }
 
     /// Checks out a connection for several statements (a transaction, session state).
@@ -359,7 +399,11 @@ impl ConnectionPool {
         let pool = self.pool.clone();
         let stack = capture_stack(env, !pool.config().leak_detection.is_zero());
         let int8 = self.int8;
-        spawn(env, async move { pool.acquire(stack).await }, move |_, lease| Ok(PooledConnection::new(lease, int8)))
+        spawn(
+            env,
+            async move { pool.acquire(stack).await },
+            move |_, lease| Ok(PooledConnection::new(lease, int8)),
+        )
     }
 
     /// An idle connection right now, or `null`. Never waits, connects or validates.
@@ -375,8 +419,17 @@ impl ConnectionPool {
     /// Runs `fn` inside a transaction on one connection: BEGIN, then COMMIT when `fn`
     /// resolves or ROLLBACK when it throws (MULTI/EXEC/DISCARD on Redis). Resolves with
     /// what `fn` returned. The connection is released either way.
-    #[napi(ts_args_type = "fn: (tx: PooledConnection) => Promise<T>", ts_return_type = "Promise<T>", ts_generic_types = "T")]
-    pub fn transaction(&self, env: Env, this: napi::bindgen_prelude::This, callback: Unknown) -> napi::Result<Unknown<'_>> {
+    #[napi(
+        ts_args_type = "fn: (tx: PooledConnection) => Promise<T>",
+        ts_return_type = "Promise<T>",
+        ts_generic_types = "T"
+    )]
+    pub fn transaction(
+        &self,
+        env: Env,
+        this: napi::bindgen_prelude::This,
+        callback: Unknown,
+    ) -> napi::Result<Unknown<'_>> {
         let redis = self.pool.config().target.backend() == "redis";
         let helper = transaction_helper(&env)?;
         let raw_env = env.raw();
@@ -387,7 +440,14 @@ impl ConnectionPool {
             let argv = [this.object.raw(), callback.raw(), redis_flag];
             let mut undefined = ptr::null_mut();
             sys::napi_get_undefined(raw_env, &mut undefined);
-            let status = sys::napi_call_function(raw_env, undefined, helper, argv.len(), argv.as_ptr(), &mut out);
+            let status = sys::napi_call_function(
+                raw_env,
+                undefined,
+                helper,
+                argv.len(),
+                argv.as_ptr(),
+                &mut out,
+            );
             if status != sys::Status::napi_ok {
                 return Err(napi::Error::from_reason("transaction could not start"));
             }
@@ -481,20 +541,39 @@ impl ConnectionPool {
     /// Changes `maxSize` (1..10000). Idle connections beyond it close at once, busy ones on return.
     #[napi]
     pub fn resize(&self, env: Env, max_size: f64) -> napi::Result<()> {
-        let size = if max_size.fract() == 0.0 && max_size >= 0.0 { max_size as usize } else { 0 };
+        let size = if max_size.fract() == 0.0 && max_size >= 0.0 {
+            max_size as usize
+        } else {
+            0
+        };
         self.pool.resize(size).map_err(|e| js_error(&env, e))
     }
 
     /// Refuses new work, lets queued and running work finish within `timeoutMs`
     /// (default 10 000), then closes every connection.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn close<'e>(&self, env: &'e Env, options: Option<CloseOptions>) -> napi::Result<PromiseRaw<'e, ()>> {
+    pub fn close<'e>(
+        &self,
+        env: &'e Env,
+        options: Option<CloseOptions>,
+    ) -> napi::Result<PromiseRaw<'e, ()>> {
         let timeout_ms = options.and_then(|o| o.timeout_ms).unwrap_or(10_000.0);
         if !timeout_ms.is_finite() || timeout_ms < 0.0 {
-            return reject(env, Error::invalid_argument("close timeoutMs must be a non-negative number"));
+            return reject(
+                env,
+                Error::invalid_argument("close timeoutMs must be a non-negative number"),
+            );
         }
+        self.pool.refuse_new_work();
         let pool = self.pool.clone();
-        spawn(env, async move { pool.close(Duration::from_secs_f64(timeout_ms / 1000.0)).await }, |_, ()| Ok(()))
+        spawn(
+            env,
+            async move {
+                pool.close(Duration::from_secs_f64(timeout_ms / 1000.0))
+                    .await
+            },
+            |_, ()| Ok(()),
+        )
     }
 }
 
@@ -532,7 +611,9 @@ fn transaction_helper(env: &Env) -> napi::Result<sys::napi_value> {
     if let Some((owner, reference)) = TRANSACTION_HELPER.with(Cell::get) {
         if owner == raw_env {
             let mut value = ptr::null_mut();
-            if unsafe { sys::napi_get_reference_value(raw_env, reference, &mut value) } == sys::Status::napi_ok {
+            if unsafe { sys::napi_get_reference_value(raw_env, reference, &mut value) }
+                == sys::Status::napi_ok
+            {
                 return Ok(value);
             }
         }
@@ -560,7 +641,12 @@ impl PooledConnection {
         }
     }
 
-    fn run<'e, V, C>(&self, env: &'e Env, op: OwnedOperation, convert: C) -> napi::Result<PromiseRaw<'e, V>>
+    fn run<'e, V, C>(
+        &self,
+        env: &'e Env,
+        op: Statement,
+        convert: C,
+    ) -> napi::Result<PromiseRaw<'e, V>>
     where
         V: napi::bindgen_prelude::ToNapiValue + 'static,
         C: FnOnce(Outcome) -> napi::Result<V> + Send + 'static,
@@ -569,15 +655,21 @@ impl PooledConnection {
         spawn(
             env,
             async move {
-                let mut lease = lease.lock().await;
-                lease.connection()?.run(&op.borrow()).await
+                let lease = lease.lock().await;
+                Box::pin(lease.connection()?.run(&op.borrow())).await
             },
             move |_, out| convert(out),
         )
     }
 
     fn finish(&self, leaked: bool) {
-        let finish = move |lease: &mut Lease| if leaked { lease.abandon() } else { lease.release() };
+        let finish = move |lease: &mut Lease| {
+            if leaked {
+                lease.abandon()
+            } else {
+                lease.release()
+            }
+        };
         match self.lease.try_lock() {
             Ok(mut lease) => finish(&mut lease),
             Err(_) => {
@@ -589,72 +681,86 @@ impl PooledConnection {
     }
 }
 
-/// An operation whose text and values the future owns.
-enum OwnedOperation {
-    Query(String, Vec<Value>),
-    Execute(String, Vec<Value>),
-    Command(String, Vec<Value>),
-    Pipeline(Vec<(String, Vec<Value>)>),
-}
-
-impl OwnedOperation {
-    fn borrow(&self) -> Operation<'_> {
-        match self {
-            OwnedOperation::Query(s, p) => Operation::Query(s, p),
-            OwnedOperation::Execute(s, p) => Operation::Execute(s, p),
-            OwnedOperation::Command(s, p) => Operation::Command(s, p),
-            OwnedOperation::Pipeline(c) => Operation::Pipeline(c),
-        }
-    }
-}
-
 #[napi]
 impl PooledConnection {
     /// Runs one statement on this connection and returns its rows.
-    #[napi(ts_args_type = "sql: string, params?: unknown[]", ts_return_type = "Promise<QueryResult>")]
-    pub fn query<'e>(&self, env: &'e Env, sql: String, params: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, QueryResult>> {
+    #[napi(
+        ts_args_type = "sql: string, params?: unknown[]",
+        ts_return_type = "Promise<QueryResult>"
+    )]
+    pub fn query<'e>(
+        &self,
+        env: &'e Env,
+        sql: String,
+        params: Option<Unknown<'e>>,
+    ) -> napi::Result<PromiseRaw<'e, QueryResult>> {
         let params = match values::params_from_js(env, raw(&params)) {
             Ok(p) => p,
             Err(e) => return reject(env, e),
         };
         let int8 = self.int8;
-        self.run(env, OwnedOperation::Query(sql, params), move |out| Ok(rows(out.into_rows(), int8)))
+        self.run(env, Statement::Query(sql, params), move |out| {
+            Ok(rows(out.into_rows(), int8))
+        })
     }
 
     /// Runs one statement for its effect on this connection.
-    #[napi(ts_args_type = "sql: string, params?: unknown[]", ts_return_type = "Promise<ExecuteResult>")]
-    pub fn execute<'e>(&self, env: &'e Env, sql: String, params: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
+    #[napi(
+        ts_args_type = "sql: string, params?: unknown[]",
+        ts_return_type = "Promise<ExecuteResult>"
+    )]
+    pub fn execute<'e>(
+        &self,
+        env: &'e Env,
+        sql: String,
+        params: Option<Unknown<'e>>,
+    ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
         let params = match values::params_from_js(env, raw(&params)) {
             Ok(p) => p,
             Err(e) => return reject(env, e),
         };
-        self.run(env, OwnedOperation::Execute(sql, params), |out| match out {
+        self.run(env, Statement::Execute(sql, params), |out| match out {
             Outcome::Done(d) => Ok(done(d)),
             _ => unreachable_value(),
         })
     }
 
     /// Redis: runs one command on this connection.
-    #[napi(ts_args_type = "name: string, args?: Array<string | number | bigint | Buffer>", ts_return_type = "Promise<unknown>")]
-    pub fn command<'e>(&self, env: &'e Env, name: String, args: Option<Unknown<'e>>) -> napi::Result<PromiseRaw<'e, Reply>> {
+    #[napi(
+        ts_args_type = "name: string, args?: Array<string | number | bigint | Buffer>",
+        ts_return_type = "Promise<unknown>"
+    )]
+    pub fn command<'e>(
+        &self,
+        env: &'e Env,
+        name: String,
+        args: Option<Unknown<'e>>,
+    ) -> napi::Result<PromiseRaw<'e, Reply>> {
         let args = match values::params_from_js(env, raw(&args)) {
             Ok(a) => a,
             Err(e) => return reject(env, e),
         };
-        self.run(env, OwnedOperation::Command(name, args), |out| match out {
+        self.run(env, Statement::Command(name, args), |out| match out {
             Outcome::Reply(v) => Ok(Reply(v)),
             _ => unreachable_value(),
         })
     }
 
     /// Redis: several commands in one round trip on this connection.
-    #[napi(ts_args_type = "commands: Array<[string, ...Array<string | number | bigint | Buffer>]>", ts_return_type = "Promise<unknown[]>")]
-    pub fn pipeline<'e>(&self, env: &'e Env, commands: Unknown<'e>) -> napi::Result<PromiseRaw<'e, Reply>> {
+    #[napi(
+        ts_args_type = "commands: Array<[string, ...Array<string | number | bigint | Buffer>]>",
+        ts_return_type = "Promise<unknown[]>"
+    )]
+    pub fn pipeline<'e>(
+        &self,
+        env: &'e Env,
+        commands: Unknown<'e>,
+    ) -> napi::Result<PromiseRaw<'e, Reply>> {
         let commands = match pipeline_from_js(env, commands.raw()) {
             Ok(c) => c,
             Err(e) => return reject(env, e),
         };
-        self.run(env, OwnedOperation::Pipeline(commands), |out| match out {
+        self.run(env, Statement::Pipeline(commands), |out| match out {
             Outcome::Replies(v) => Ok(Reply(Value::Array(v))),
             _ => unreachable_value(),
         })
@@ -663,7 +769,10 @@ impl PooledConnection {
     /// True once released; further calls fail with `POOL_CLOSED`.
     #[napi(getter)]
     pub fn released(&self) -> bool {
-        self.lease.try_lock().map(|l| l.is_released()).unwrap_or(false)
+        self.lease
+            .try_lock()
+            .map(|l| l.is_released())
+            .unwrap_or(false)
     }
 
     /// Returns the connection to its pool (rolled back first if a transaction may be open).

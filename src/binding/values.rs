@@ -19,13 +19,17 @@ fn check(status: sys::napi_status, what: &str) -> napi::Result<()> {
     if status == sys::Status::napi_ok {
         Ok(())
     } else {
-        Err(napi::Error::from_reason(format!("N-API call failed: {what}")))
+        Err(napi::Error::from_reason(format!(
+            "N-API call failed: {what}"
+        )))
     }
 }
 
 /// Reads the `params` argument: `undefined`/`null` or an array of values.
 pub(crate) fn params_from_js(env: &Env, params: Option<Raw>) -> Result<Vec<Value>, Error> {
-    let Some(array) = params else { return Ok(Vec::new()) };
+    let Some(array) = params else {
+        return Ok(Vec::new());
+    };
     let env = env.raw();
     let kind = type_of(env, array)?;
     if kind == ValueType::Undefined || kind == ValueType::Null {
@@ -38,7 +42,9 @@ pub(crate) fn params_from_js(env: &Env, params: Option<Raw>) -> Result<Vec<Value
     let mut out = Vec::with_capacity(len as usize);
     for i in 0..len {
         let item = element(env, array, i)?;
-        out.push(value_from_js(env, item, 0).map_err(|e| Error::invalid_argument(format!("parameter ${}: {}", i + 1, e.message)))?);
+        out.push(value_from_js(env, item, 0).map_err(|e| {
+            Error::invalid_argument(format!("parameter ${}: {}", i + 1, e.message))
+        })?);
     }
     Ok(out)
 }
@@ -79,13 +85,16 @@ fn element(env: sys::napi_env, v: Raw, i: u32) -> Result<Raw, Error> {
 
 fn string_from_js(env: sys::napi_env, v: Raw) -> Result<String, Error> {
     let mut len = 0;
-    if unsafe { sys::napi_get_value_string_utf8(env, v, ptr::null_mut(), 0, &mut len) } != sys::Status::napi_ok {
+    if unsafe { sys::napi_get_value_string_utf8(env, v, ptr::null_mut(), 0, &mut len) }
+        != sys::Status::napi_ok
+    {
         return Err(internal("string length"));
     }
     let mut buf = vec![0u8; len + 1];
     let mut written = 0;
-    if unsafe { sys::napi_get_value_string_utf8(env, v, buf.as_mut_ptr().cast(), len + 1, &mut written) }
-        != sys::Status::napi_ok
+    if unsafe {
+        sys::napi_get_value_string_utf8(env, v, buf.as_mut_ptr().cast(), len + 1, &mut written)
+    } != sys::Status::napi_ok
     {
         return Err(internal("string"));
     }
@@ -150,11 +159,27 @@ fn object_from_js(env: sys::napi_env, v: Raw, depth: usize) -> Result<Value, Err
         let mut data = ptr::null_mut();
         let mut buffer = ptr::null_mut();
         let mut offset = 0;
-        unsafe { sys::napi_get_typedarray_info(env, v, &mut kind, &mut len, &mut data, &mut buffer, &mut offset) };
+        unsafe {
+            sys::napi_get_typedarray_info(
+                env,
+                v,
+                &mut kind,
+                &mut len,
+                &mut data,
+                &mut buffer,
+                &mut offset,
+            )
+        };
         if kind != sys::TypedarrayType::uint8_array {
-            return Err(Error::invalid_argument("typed arrays other than Uint8Array cannot be sent; use a Buffer or an array"));
+            return Err(Error::invalid_argument(
+                "typed arrays other than Uint8Array cannot be sent; use a Buffer or an array",
+            ));
         }
-        let bytes = if len == 0 { Vec::new() } else { unsafe { std::slice::from_raw_parts(data as *const u8, len) }.to_vec() };
+        let bytes = if len == 0 {
+            Vec::new()
+        } else {
+            unsafe { std::slice::from_raw_parts(data as *const u8, len) }.to_vec()
+        };
         return Ok(Value::Bytes(bytes));
     }
     unsafe { sys::napi_is_date(env, v, &mut yes) };
@@ -206,7 +231,9 @@ fn json_from_js(env: sys::napi_env, v: Raw, depth: usize) -> Result<serde_json::
                     Some(leaf) => leaf.to_json(),
                     None => {
                         let mut keys = ptr::null_mut();
-                        if unsafe { sys::napi_get_property_names(env, v, &mut keys) } != sys::Status::napi_ok {
+                        if unsafe { sys::napi_get_property_names(env, v, &mut keys) }
+                            != sys::Status::napi_ok
+                        {
                             return Err(internal("property names"));
                         }
                         let n = array_len(env, keys)?;
@@ -214,11 +241,16 @@ fn json_from_js(env: sys::napi_env, v: Raw, depth: usize) -> Result<serde_json::
                         for i in 0..n {
                             let key = element(env, keys, i)?;
                             let mut val = ptr::null_mut();
-                            if unsafe { sys::napi_get_property(env, v, key, &mut val) } != sys::Status::napi_ok {
+                            if unsafe { sys::napi_get_property(env, v, key, &mut val) }
+                                != sys::Status::napi_ok
+                            {
                                 return Err(internal("property"));
                             }
                             let t = type_of(env, val)?;
-                            if t == ValueType::Undefined || t == ValueType::Function || t == ValueType::Symbol {
+                            if t == ValueType::Undefined
+                                || t == ValueType::Function
+                                || t == ValueType::Symbol
+                            {
                                 continue;
                             }
                             let key = match type_of(env, key)? {
@@ -318,13 +350,15 @@ pub(crate) fn value_to_js(env: sys::napi_env, v: &Value, int8: Int8Mode) -> napi
             Value::Numeric(s) | Value::Text(s) => return string_to_js(env, s),
             Value::Bytes(b) => {
                 let mut data = ptr::null_mut();
-                let status = sys::napi_create_buffer_copy(env, b.len(), b.as_ptr().cast(), &mut data, &mut out);
-                status
+                sys::napi_create_buffer_copy(env, b.len(), b.as_ptr().cast(), &mut data, &mut out)
             }
-            Value::Json(j) => return json_to_js(env, j, 0),
+            Value::Json(j) => return json_to_js(env, j),
             Value::Timestamp(ms) => sys::napi_create_date(env, *ms, &mut out),
             Value::Array(items) => {
-                check(sys::napi_create_array_with_length(env, items.len(), &mut out), "create array")?;
+                check(
+                    sys::napi_create_array_with_length(env, items.len(), &mut out),
+                    "create array",
+                )?;
                 for (i, item) in items.iter().enumerate() {
                     let el = value_to_js(env, item, int8)?;
                     check(sys::napi_set_element(env, out, i as u32, el), "set element")?;
@@ -337,19 +371,25 @@ pub(crate) fn value_to_js(env: sys::napi_env, v: &Value, int8: Int8Mode) -> napi
     Ok(out)
 }
 
-fn json_to_js(env: sys::napi_env, j: &serde_json::Value, depth: usize) -> napi::Result<Raw> {
+fn json_to_js(env: sys::napi_env, j: &serde_json::Value) -> napi::Result<Raw> {
     use serde_json::Value as J;
     let mut out = ptr::null_mut();
     unsafe {
         match j {
             J::Null => check(sys::napi_get_null(env, &mut out), "null")?,
             J::Bool(b) => check(sys::napi_get_boolean(env, *b, &mut out), "bool")?,
-            J::Number(n) => check(sys::napi_create_double(env, n.as_f64().unwrap_or(f64::NAN), &mut out), "number")?,
+            J::Number(n) => check(
+                sys::napi_create_double(env, n.as_f64().unwrap_or(f64::NAN), &mut out),
+                "number",
+            )?,
             J::String(s) => return string_to_js(env, s),
             J::Array(items) => {
-                check(sys::napi_create_array_with_length(env, items.len(), &mut out), "array")?;
+                check(
+                    sys::napi_create_array_with_length(env, items.len(), &mut out),
+                    "array",
+                )?;
                 for (i, item) in items.iter().enumerate() {
-                    let el = json_to_js(env, item, depth + 1)?;
+                    let el = json_to_js(env, item)?;
                     check(sys::napi_set_element(env, out, i as u32, el), "element")?;
                 }
             }
@@ -357,7 +397,7 @@ fn json_to_js(env: sys::napi_env, j: &serde_json::Value, depth: usize) -> napi::
                 check(sys::napi_create_object(env, &mut out), "object")?;
                 for (k, v) in map {
                     let key = string_to_js(env, k)?;
-                    let val = json_to_js(env, v, depth + 1)?;
+                    let val = json_to_js(env, v)?;
                     check(sys::napi_set_property(env, out, key, val), "property")?;
                 }
             }
@@ -392,7 +432,10 @@ impl ToNapiValue for Rows {
             .map(|c| string_to_js(env, c))
             .collect::<napi::Result<_>>()?;
         let mut array = ptr::null_mut();
-        check(sys::napi_create_array_with_length(env, val.result.rows.len(), &mut array), "rows")?;
+        check(
+            sys::napi_create_array_with_length(env, val.result.rows.len(), &mut array),
+            "rows",
+        )?;
         for (i, row) in val.result.rows.iter().enumerate() {
             let mut obj = ptr::null_mut();
             check(sys::napi_create_object(env, &mut obj), "row")?;
@@ -400,7 +443,10 @@ impl ToNapiValue for Rows {
                 let v = value_to_js(env, cell, val.int8)?;
                 check(sys::napi_set_property(env, obj, *key, v), "cell")?;
             }
-            check(sys::napi_set_element(env, array, i as u32, obj), "row element")?;
+            check(
+                sys::napi_set_element(env, array, i as u32, obj),
+                "row element",
+            )?;
         }
         Ok(array)
     }

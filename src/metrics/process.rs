@@ -422,6 +422,51 @@ mod tests {
         assert!(!d.report().suspected_leak, "{:?}", d.report());
     }
 
+    /// Resident memory (KiB) of a Node process, sampled every 50 ms: V8 churning garbage at a
+    /// steady working set (young-generation spikes of ~10 MiB every fourth sample) …
+    const RECORDED_FLAT_WITH_GC_SPIKES: [u32; 60] = [
+        83244, 83372, 83500, 93008, 83232, 83360, 83488, 92968, 83200, 83328, 83584, 93080, 83500,
+        83628, 83756, 84140, 83152, 83280, 83408, 93164, 83208, 83336, 83592, 83352, 83280, 83664,
+        83792, 93020, 83500, 83628, 83756, 93104, 83128, 83384, 83512, 93228, 83604, 83732, 83860,
+        93224, 83268, 83396, 83524, 93096, 83200, 83328, 83584, 93032, 83500, 83628, 83756, 93100,
+        83464, 83592, 83720, 93072, 83516, 83644, 83772, 84080,
+    ];
+    /// … the same churn with a smaller heap …
+    const RECORDED_FLAT: [u32; 60] = [
+        82364, 82124, 82252, 83324, 83452, 82252, 82380, 82508, 82396, 82524, 82736, 82864, 82252,
+        82380, 82508, 82436, 82564, 82752, 82752, 82016, 82144, 82272, 82140, 82268, 82748, 82748,
+        82288, 82416, 82544, 82396, 82524, 82908, 82908, 82196, 82324, 82580, 82436, 82564, 83020,
+        83148, 82184, 82312, 82440, 82396, 82524, 82812, 82940, 82268, 82396, 82524, 82452, 82580,
+        82928, 83056, 82508, 82636, 82764, 82692, 82820, 82836,
+    ];
+    /// … and the same churn while also keeping one string per sample (a leak).
+    const RECORDED_LEAK: [u32; 60] = [
+        82964, 82508, 82636, 82764, 82652, 82780, 83052, 83180, 83292, 83420, 83548, 83492, 83620,
+        83704, 83832, 83948, 84076, 84204, 84136, 84264, 84288, 84416, 84432, 84560, 84688, 84616,
+        84744, 84880, 85008, 85176, 85304, 85432, 85360, 85488, 85616, 85744, 85780, 85908, 86036,
+        85844, 85972, 86212, 86340, 86380, 86508, 86764, 86580, 86708, 86764, 86892, 86776, 86904,
+        87032, 86960, 87088, 87308, 87308, 87332, 87460, 87588,
+    ];
+
+    fn recorded(series: &[u32]) -> GrowthReport {
+        detector_over(
+            series
+                .iter()
+                .enumerate()
+                .map(|(i, &kib)| (i as f64 * 0.05, kib as f64 * 1024.0)),
+        )
+    }
+
+    #[test]
+    fn recorded_node_series_leak_fires_and_steady_churn_stays_quiet() {
+        let leak = recorded(&RECORDED_LEAK);
+        assert!(leak.suspected_leak, "{leak:?}");
+        let flat = recorded(&RECORDED_FLAT);
+        assert!(!flat.suspected_leak, "{flat:?}");
+        let spikes = recorded(&RECORDED_FLAT_WITH_GC_SPIKES);
+        assert!(!spikes.suspected_leak, "{spikes:?}");
+    }
+
     #[test]
     fn thresholds_map_to_levels() {
         let t = AlertThresholds::default().memory_percent;

@@ -81,7 +81,7 @@ pub struct CacheStats {
 
 enum Backend {
     Cpu(ModelFile),
-    Cuda(CudaModel),
+    Cuda(Box<CudaModel>),
 }
 
 /// One resident model. Owned by the cache; borrowed by predictions in flight.
@@ -154,9 +154,9 @@ impl CacheInner {
     }
 
     fn expired(&self, entry: &ModelEntry, now: u64) -> bool {
-        self.config
-            .ttl
-            .is_some_and(|ttl| now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= ttl.as_nanos() as u64)
+        self.config.ttl.is_some_and(|ttl| {
+            now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= ttl.as_nanos() as u64
+        })
     }
 
     /// Marks an entry evicted and counts it; its memory goes when the last in-flight call ends.
@@ -183,7 +183,12 @@ impl CacheInner {
     }
 
     /// Makes room under both bounds (LRU first), then inserts.
-    fn insert(&self, id: &str, entry: Arc<ModelEntry>, retired: &mut Vec<Arc<ModelEntry>>) -> Result<()> {
+    fn insert(
+        &self,
+        id: &str,
+        entry: Arc<ModelEntry>,
+        retired: &mut Vec<Arc<ModelEntry>>,
+    ) -> Result<()> {
         if entry.resident_bytes > self.config.max_bytes {
             return Err(Error::invalid_argument(format!(
                 "model '{id}' needs {} bytes, more than maxBytes ({})",
@@ -196,12 +201,16 @@ impl CacheInner {
             retired.push(old);
         }
         while state.lru.len() >= self.config.max_models {
-            let Some((_, old)) = state.lru.pop_lru() else { break };
+            let Some((_, old)) = state.lru.pop_lru() else {
+                break;
+            };
             self.retire(&mut state, &old, EvictionReason::Count);
             retired.push(old);
         }
         while state.resident_bytes + entry.resident_bytes > self.config.max_bytes {
-            let Some((_, old)) = state.lru.pop_lru() else { break };
+            let Some((_, old)) = state.lru.pop_lru() else {
+                break;
+            };
             self.retire(&mut state, &old, EvictionReason::Bytes);
             retired.push(old);
         }
@@ -234,7 +243,7 @@ impl CacheInner {
             Device::Cuda(gpu) => {
                 let model = CudaModel::upload(gpu, &file, Arc::clone(&ledger))?;
                 let bytes = model.weight_bytes() as u64;
-                (Backend::Cuda(model), 0, bytes)
+                (Backend::Cuda(Box::new(model)), 0, bytes)
             }
         };
         Ok(ModelEntry {
@@ -275,7 +284,9 @@ impl CacheInner {
                 if !self.expired(oldest, now) {
                     break;
                 }
-                let Some((_, entry)) = state.lru.pop_lru() else { break };
+                let Some((_, entry)) = state.lru.pop_lru() else {
+                    break;
+                };
                 self.retire(&mut state, &entry, EvictionReason::Expired);
                 retired.push(entry);
             }
@@ -322,7 +333,11 @@ impl ModelCache {
 
     /// Loads `id` from `source`, or returns it if resident (the source is then not read).
     /// Concurrent loads of one id share a single load.
-    pub fn load(&self, id: String, source: ModelSource) -> impl Future<Output = Result<ModelHandle>> + Send + 'static {
+    pub fn load(
+        &self,
+        id: String,
+        source: ModelSource,
+    ) -> impl Future<Output = Result<ModelHandle>> + Send + 'static {
         let inner = Arc::clone(&self.inner);
         async move {
             if id.is_empty() {
@@ -373,7 +388,8 @@ impl ModelCache {
             let mut state = self.inner.state.lock();
             let removed = state.lru.pop(id);
             if let Some(entry) = &removed {
-                self.inner.retire(&mut state, entry, EvictionReason::Explicit);
+                self.inner
+                    .retire(&mut state, entry, EvictionReason::Explicit);
             }
             removed
         };
@@ -391,7 +407,8 @@ impl ModelCache {
             let mut state = self.inner.state.lock();
             let mut all = Vec::with_capacity(state.lru.len());
             while let Some((_, entry)) = state.lru.pop_lru() {
-                self.inner.retire(&mut state, &entry, EvictionReason::Explicit);
+                self.inner
+                    .retire(&mut state, &entry, EvictionReason::Explicit);
                 all.push(entry);
             }
             all
@@ -401,7 +418,13 @@ impl ModelCache {
 
     /// Ids from most to least recently used.
     pub fn ids(&self) -> Vec<String> {
-        self.inner.state.lock().lru.iter().map(|(k, _)| k.clone()).collect()
+        self.inner
+            .state
+            .lock()
+            .lru
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -464,7 +487,11 @@ impl ModelCache {
     }
 }
 
-async fn load_once(inner: &Arc<CacheInner>, id: &str, source: ModelSource) -> Result<Arc<ModelEntry>> {
+async fn load_once(
+    inner: &Arc<CacheInner>,
+    id: &str,
+    source: ModelSource,
+) -> Result<Arc<ModelEntry>> {
     let mut retired = Vec::new();
     // A load that finished between our lookup and joining the slot.
     if let Some(entry) = inner.lookup(id, &mut retired) {
@@ -473,7 +500,9 @@ async fn load_once(inner: &Arc<CacheInner>, id: &str, source: ModelSource) -> Re
     let started = Instant::now();
     let (builder, owned_id) = (Arc::clone(inner), id.to_string());
     let built = tokio::task::spawn_blocking(move || {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.build(&owned_id, source)))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            builder.build(&owned_id, source)
+        }))
     })
     .await;
     let entry = match built {
@@ -487,7 +516,10 @@ async fn load_once(inner: &Arc<CacheInner>, id: &str, source: ModelSource) -> Re
             return Err(Error::internal(format!("loading model '{id}' panicked")));
         }
     };
-    inner.insert(id, Arc::clone(&entry), &mut retired)?;
+    if let Err(err) = inner.insert(id, Arc::clone(&entry), &mut retired) {
+        inner.recorder.load_failures.inc();
+        return Err(err);
+    }
     inner.recorder.loads.inc();
     inner.recorder.load_latency.record(started.elapsed());
     Ok(entry)
@@ -515,13 +547,19 @@ impl ModelHandle {
 
     /// What the model holds now; zero once it is evicted and its last call has ended.
     pub fn memory_usage(&self) -> MemoryUsage {
-        self.entry.upgrade().map(|e| e.ledger.usage()).unwrap_or_default()
+        self.entry
+            .upgrade()
+            .map(|e| e.ledger.usage())
+            .unwrap_or_default()
     }
 
     fn evicted_error(&self) -> Error {
         Error::new(
             ErrorCode::ModelEvicted,
-            format!("model '{}' was evicted from the cache; load it again", self.info.id),
+            format!(
+                "model '{}' was evicted from the cache; load it again",
+                self.info.id
+            ),
         )
     }
 
@@ -537,7 +575,9 @@ impl ModelHandle {
             Some(0) => return Err(Error::invalid_argument("batch must be at least 1")),
             Some(b) => {
                 let b = b as usize;
-                let expected = b.checked_mul(sample).ok_or_else(|| Error::invalid_argument("batch is too large"))?;
+                let expected = b
+                    .checked_mul(sample)
+                    .ok_or_else(|| Error::invalid_argument("batch is too large"))?;
                 if input_len != expected {
                     return Err(Error::invalid_argument(format!(
                         "input has {input_len} floats; expected {expected} (batch {b} × {sample} per sample)"
@@ -557,7 +597,11 @@ impl ModelHandle {
         if let Some(cache) = self.cache.upgrade() {
             entry.last_used.store(cache.now(), Ordering::Relaxed);
             let mut state = cache.state.lock();
-            if state.lru.peek(&entry.id).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+            if state
+                .lru
+                .peek(&entry.id)
+                .is_some_and(|e| Arc::ptr_eq(e, &entry))
+            {
                 state.lru.promote(&entry.id);
             }
         }
@@ -573,7 +617,10 @@ impl ModelHandle {
         let buffer = entry.tensors.take(total).map_err(|bytes| {
             Error::new(
                 ErrorCode::DeviceOutOfMemory,
-                format!("cannot allocate a {bytes}-byte workspace for model '{}'", entry.id),
+                format!(
+                    "cannot allocate a {bytes}-byte workspace for model '{}'",
+                    entry.id
+                ),
             )
         })?;
         Ok(Prediction {
@@ -612,16 +659,26 @@ impl Prediction {
         let started = Instant::now();
         let (input, rest) = self.buffer.split_at_mut(self.input_len);
         let (output, workspace) = rest.split_at_mut(self.output_len);
-        match &self.entry.backend {
-            Backend::Cpu(file) => cpu::forward(&self.entry.spec, &file.weights, input, self.batch, workspace, output),
-            Backend::Cuda(model) => model.forward(input, self.batch, output)?,
-        }
+        let (entry, batch) = (&self.entry, self.batch);
+        // A panic here would be a bug; it must still never unwind into Node.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &entry.backend {
+            Backend::Cpu(file) => {
+                cpu::forward(&entry.spec, &file.weights, input, batch, workspace, output);
+                Ok(())
+            }
+            Backend::Cuda(model) => model.forward(input, batch, output),
+        }))
+        .map_err(|_| Error::internal(format!("model '{}' failed while running", entry.id)))??;
         self.done = true;
         let elapsed = started.elapsed();
         let model = self.entry.ledger.model_recorder();
         model.predicts.inc();
         model.predict_latency.record(elapsed);
-        self.entry.ledger.cache_recorder().predict_latency.record(elapsed);
+        self.entry
+            .ledger
+            .cache_recorder()
+            .predict_latency
+            .record(elapsed);
         Ok(())
     }
 
@@ -633,7 +690,9 @@ impl Prediction {
 
 impl Drop for Prediction {
     fn drop(&mut self) {
-        self.entry.tensors.give_back(std::mem::take(&mut self.buffer));
+        self.entry
+            .tensors
+            .give_back(std::mem::take(&mut self.buffer));
     }
 }
 
@@ -652,7 +711,6 @@ fn _assert_send_sync() {
     is::<ModelHandle>();
     is::<Prediction>();
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -740,7 +798,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_loads_of_one_id_load_once() {
         let c = cache(10, u64::MAX, None);
-        let loads: Vec<_> = (0..16).map(|_| tokio::spawn(c.load("a".into(), model(1)))).collect();
+        let loads: Vec<_> = (0..16)
+            .map(|_| tokio::spawn(c.load("a".into(), model(1))))
+            .collect();
         for l in loads {
             l.await.unwrap().unwrap();
         }
@@ -755,16 +815,28 @@ mod tests {
         let mut p = h.prepare(8, None).unwrap();
         assert_eq!(p.batch(), 2);
         assert!(c.evict("a"));
-        assert!(c.memory_usage().model_data_bytes > 0, "in flight keeps it alive");
+        assert!(
+            c.memory_usage().model_data_bytes > 0,
+            "in flight keeps it alive"
+        );
         p.input_mut().fill(0.5);
         p.run().unwrap();
         assert_eq!(p.output().len(), 4);
-        assert_eq!(h.prepare(4, None).err().unwrap().code, ErrorCode::ModelEvicted);
+        assert_eq!(
+            h.prepare(4, None).err().unwrap().code,
+            ErrorCode::ModelEvicted
+        );
         drop(p);
         assert_eq!(c.memory_usage(), MemoryUsage::default());
         assert_eq!(h.memory_usage(), MemoryUsage::default());
-        assert_eq!(h.prepare(4, None).err().unwrap().code, ErrorCode::ModelEvicted);
-        assert_eq!(c.recorder().allocations.get(), c.recorder().deallocations.get());
+        assert_eq!(
+            h.prepare(4, None).err().unwrap().code,
+            ErrorCode::ModelEvicted
+        );
+        assert_eq!(
+            c.recorder().allocations.get(),
+            c.recorder().deallocations.get()
+        );
     }
 
     #[tokio::test]
@@ -784,10 +856,17 @@ mod tests {
     #[tokio::test]
     async fn bad_files_are_model_format_and_leave_the_cache_empty() {
         let c = cache(10, u64::MAX, None);
-        let e = c.load("a".into(), ModelSource::Bytes(vec![1, 2, 3])).await.err().unwrap();
+        let e = c
+            .load("a".into(), ModelSource::Bytes(vec![1, 2, 3]))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.code, ErrorCode::ModelFormat);
         let e = c
-            .load("a".into(), ModelSource::Path("/nonexistent/x.safetensors".into()))
+            .load(
+                "a".into(),
+                ModelSource::Path("/nonexistent/x.safetensors".into()),
+            )
             .await
             .err()
             .unwrap();

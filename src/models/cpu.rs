@@ -5,27 +5,79 @@
 use gemm::Parallelism;
 
 use crate::error::{Error, Result};
-use crate::models::format::{Activation, Architecture, DenseSpec, LstmLayerSpec, ModelSpec, Weights};
+use crate::models::format::{
+    Activation, Architecture, DenseSpec, LstmLayerSpec, ModelSpec, Weights,
+};
 
 /// Below this many multiply-adds a GEMM runs on the calling thread; above, on rayon's pool.
 const PARALLEL_MACS: usize = 1 << 21;
 
 fn too_large(batch: usize) -> Error {
-    Error::invalid_argument(format!("batch {batch} is too large for this model's workspace"))
+    Error::invalid_argument(format!(
+        "batch {batch} is too large for this model's workspace"
+    ))
+}
+
+/// Below this many multiply-adds per part, a batch is not split across threads.
+const MIN_PART_MACS: usize = 1 << 19;
+
+/// Multiply-adds for one sample.
+fn sample_macs(spec: &ModelSpec) -> usize {
+    let dense = |layers: &[DenseSpec]| layers.iter().map(|d| d.inputs * d.outputs).sum::<usize>();
+    match &spec.arch {
+        Architecture::Mlp { dense: layers } => dense(layers),
+        Architecture::Lstm { layers, head } => {
+            let per_step: usize = layers
+                .iter()
+                .map(|l| 4 * l.hidden * (l.inputs + l.hidden))
+                .sum();
+            per_step
+                .saturating_mul(spec.sequence_length)
+                .saturating_add(dense(head))
+        }
+    }
+}
+
+/// How many parts a batch is split into, each run on its own thread (samples are independent).
+fn parts(spec: &ModelSpec, batch: usize) -> usize {
+    let by_work = batch.saturating_mul(sample_macs(spec)) / MIN_PART_MACS;
+    rayon::current_num_threads().min(batch).min(by_work).max(1)
 }
 
 /// Floats of scratch space a forward pass over `batch` samples needs.
 pub fn workspace_len(spec: &ModelSpec, batch: usize) -> Result<usize> {
+    split_len(spec, batch, parts(spec, batch))
+}
+
+fn split_len(spec: &ModelSpec, batch: usize, parts: usize) -> Result<usize> {
+    if parts <= 1 {
+        return part_len(spec, batch);
+    }
+    let left = batch / 2;
+    let (a, b) = (
+        split_len(spec, left, parts / 2)?,
+        split_len(spec, batch - left, parts - parts / 2)?,
+    );
+    a.checked_add(b).ok_or_else(|| too_large(batch))
+}
+
+fn part_len(spec: &ModelSpec, batch: usize) -> Result<usize> {
     let widest = |layers: &[DenseSpec]| layers.iter().map(|d| d.outputs).max().unwrap_or(0);
     let len = match &spec.arch {
-        Architecture::Mlp { dense } => batch.checked_mul(widest(dense)).and_then(|n| n.checked_mul(2)),
+        Architecture::Mlp { dense } => batch
+            .checked_mul(widest(dense))
+            .and_then(|n| n.checked_mul(2)),
         Architecture::Lstm { layers, head } => {
             let hidden = layers.iter().map(|l| l.hidden).max().unwrap_or(0);
             let steps = batch.checked_mul(spec.sequence_length);
             let proj = steps.and_then(|s| s.checked_mul(4 * hidden));
-            let seq = steps.and_then(|s| s.checked_mul(hidden)).and_then(|n| n.checked_mul(2));
+            let seq = steps
+                .and_then(|s| s.checked_mul(hidden))
+                .and_then(|n| n.checked_mul(2));
             let state = batch.checked_mul(hidden).and_then(|n| n.checked_mul(2));
-            let head = batch.checked_mul(widest(head)).and_then(|n| n.checked_mul(2));
+            let head = batch
+                .checked_mul(widest(head))
+                .and_then(|n| n.checked_mul(2));
             [proj, seq, state, head]
                 .into_iter()
                 .try_fold(0usize, |acc, n| n.and_then(|n| acc.checked_add(n)))
@@ -35,10 +87,71 @@ pub fn workspace_len(spec: &ModelSpec, batch: usize) -> Result<usize> {
 }
 
 /// Runs the model on `batch` samples of `input`, writing `batch × output_size` floats to `out`.
-/// `input`, `workspace` and `out` must have the lengths the spec implies.
-pub fn forward(spec: &ModelSpec, weights: &Weights, input: &[f32], batch: usize, workspace: &mut [f32], out: &mut [f32]) {
+/// `input`, `out` and `workspace` (see [`workspace_len`]) must have the lengths the spec implies.
+/// Large batches are split in halves run on rayon's pool; a sample's result does not depend on
+/// the other samples, and a given batch size always splits the same way.
+pub fn forward(
+    spec: &ModelSpec,
+    weights: &Weights,
+    input: &[f32],
+    batch: usize,
+    workspace: &mut [f32],
+    out: &mut [f32],
+) {
     assert_eq!(input.len(), batch * spec.sample_len(), "input length");
     assert_eq!(out.len(), batch * spec.output_size, "output length");
+    forward_split(
+        spec,
+        weights,
+        input,
+        batch,
+        workspace,
+        out,
+        parts(spec, batch),
+    );
+}
+
+fn forward_split(
+    spec: &ModelSpec,
+    weights: &Weights,
+    input: &[f32],
+    batch: usize,
+    workspace: &mut [f32],
+    out: &mut [f32],
+    parts: usize,
+) {
+    if parts <= 1 {
+        return forward_part(spec, weights, input, batch, workspace, out);
+    }
+    let left = batch / 2;
+    let (in_a, in_b) = input.split_at(left * spec.sample_len());
+    let (out_a, out_b) = out.split_at_mut(left * spec.output_size);
+    let ws_left = split_len(spec, left, parts / 2).unwrap_or(0);
+    let (ws_a, ws_b) = workspace.split_at_mut(ws_left);
+    rayon::join(
+        || forward_split(spec, weights, in_a, left, ws_a, out_a, parts / 2),
+        || {
+            forward_split(
+                spec,
+                weights,
+                in_b,
+                batch - left,
+                ws_b,
+                out_b,
+                parts - parts / 2,
+            )
+        },
+    );
+}
+
+fn forward_part(
+    spec: &ModelSpec,
+    weights: &Weights,
+    input: &[f32],
+    batch: usize,
+    workspace: &mut [f32],
+    out: &mut [f32],
+) {
     match &spec.arch {
         Architecture::Mlp { dense } => dense_stack(weights, dense, input, batch, workspace, out),
         Architecture::Lstm { layers, head } => {
@@ -53,8 +166,22 @@ pub fn forward(spec: &ModelSpec, weights: &Weights, input: &[f32], batch: usize,
             let (mut write, mut spare) = (seq_a, seq_b);
             for (k, layer) in layers.iter().enumerate() {
                 let top = k + 1 == layers.len();
-                let seq_out = if top { None } else { Some(&mut write[..steps * layer.hidden]) };
-                lstm_layer(weights, layer, seq_in, batch, spec.sequence_length, proj, h, c, seq_out);
+                let seq_out = if top {
+                    None
+                } else {
+                    Some(&mut write[..steps * layer.hidden])
+                };
+                lstm_layer(
+                    weights,
+                    layer,
+                    seq_in,
+                    batch,
+                    spec.sequence_length,
+                    proj,
+                    h,
+                    c,
+                    seq_out,
+                );
                 if !top {
                     std::mem::swap(&mut write, &mut spare);
                     seq_in = &spare[..steps * layer.hidden];
@@ -71,7 +198,14 @@ pub fn forward(spec: &ModelSpec, weights: &Weights, input: &[f32], batch: usize,
     }
 }
 
-fn dense_stack(weights: &Weights, layers: &[DenseSpec], input: &[f32], batch: usize, workspace: &mut [f32], out: &mut [f32]) {
+fn dense_stack(
+    weights: &Weights,
+    layers: &[DenseSpec],
+    input: &[f32],
+    batch: usize,
+    workspace: &mut [f32],
+    out: &mut [f32],
+) {
     let widest = layers.iter().map(|d| d.outputs).max().unwrap_or(0);
     let (mut a, mut b) = workspace.split_at_mut(batch * widest);
     let mut current: &[f32] = input;
@@ -96,7 +230,17 @@ fn dense(weights: &Weights, layer: &DenseSpec, x: &[f32], rows: usize, out: &mut
             row.copy_from_slice(bias);
         }
     }
-    matmul(rows, layer.outputs, layer.inputs, x, layer.inputs, w, out, layer.outputs, bias.is_some());
+    matmul(
+        rows,
+        layer.outputs,
+        layer.inputs,
+        x,
+        layer.inputs,
+        w,
+        out,
+        layer.outputs,
+        bias.is_some(),
+    );
     activate(layer.activation, out);
 }
 
@@ -120,7 +264,8 @@ fn matmul(
     assert!(lhs.len() >= (rows - 1) * lhs_stride + depth, "lhs length");
     assert!(dst.len() >= (rows - 1) * dst_stride + cols, "dst length");
     let macs = rows.saturating_mul(cols).saturating_mul(depth);
-    let parallelism = if macs >= PARALLEL_MACS {
+    // Inside a split batch (already on rayon's pool) each part stays on its thread.
+    let parallelism = if macs >= PARALLEL_MACS && rayon::current_thread_index().is_none() {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
@@ -182,7 +327,17 @@ fn lstm_layer(
         }
     }
     // Input projection for every (sample, step) row at once: [B·T, In] · W_ihᵀ.
-    matmul(rows, gates, layer.inputs, x, layer.inputs, weights.tensor(layer.weight_ih), proj, gates, has_bias);
+    matmul(
+        rows,
+        gates,
+        layer.inputs,
+        x,
+        layer.inputs,
+        weights.tensor(layer.weight_ih),
+        proj,
+        gates,
+        has_bias,
+    );
     h.fill(0.0);
     c.fill(0.0);
     let w_hh = weights.tensor(layer.weight_hh);
@@ -190,11 +345,24 @@ fn lstm_layer(
         let step = &mut proj[t * gates..];
         if t > 0 {
             // Recurrent term for step t of every sample: rows b·T + t, stride T·4H.
-            matmul(batch, gates, hidden, h, hidden, w_hh, step, steps * gates, true);
+            matmul(
+                batch,
+                gates,
+                hidden,
+                h,
+                hidden,
+                w_hh,
+                step,
+                steps * gates,
+                true,
+            );
         }
         for b in 0..batch {
             let g = &step[b * steps * gates..b * steps * gates + gates];
-            let (hb, cb) = (&mut h[b * hidden..(b + 1) * hidden], &mut c[b * hidden..(b + 1) * hidden]);
+            let (hb, cb) = (
+                &mut h[b * hidden..(b + 1) * hidden],
+                &mut c[b * hidden..(b + 1) * hidden],
+            );
             for j in 0..hidden {
                 let i = sigmoid(g[j]);
                 let f = sigmoid(g[hidden + j]);
@@ -222,9 +390,10 @@ fn activate(act: Activation, values: &mut [f32]) {
         Activation::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
         Activation::Tanh => values.iter_mut().for_each(|v| *v = v.tanh()),
         Activation::Sigmoid => values.iter_mut().for_each(|v| *v = sigmoid(*v)),
-        Activation::Gelu => values
-            .iter_mut()
-            .for_each(|v| *v = (0.5 * f64::from(*v) * (1.0 + libm::erf(f64::from(*v) / std::f64::consts::SQRT_2))) as f32),
+        Activation::Gelu => values.iter_mut().for_each(|v| {
+            *v = (0.5 * f64::from(*v) * (1.0 + libm::erf(f64::from(*v) / std::f64::consts::SQRT_2)))
+                as f32
+        }),
     }
 }
 
@@ -242,11 +411,20 @@ mod tests {
     }
 
     /// Straightforward f64 reference, independent of the GEMM path.
-    fn reference_dense(w: &[f32], b: &[f32], x: &[f32], inputs: usize, act: Activation) -> Vec<f64> {
+    fn reference_dense(
+        w: &[f32],
+        b: &[f32],
+        x: &[f32],
+        inputs: usize,
+        act: Activation,
+    ) -> Vec<f64> {
         b.iter()
             .enumerate()
             .map(|(j, bj)| {
-                let s: f64 = (0..inputs).map(|k| f64::from(w[j * inputs + k]) * f64::from(x[k])).sum::<f64>() + f64::from(*bj);
+                let s: f64 = (0..inputs)
+                    .map(|k| f64::from(w[j * inputs + k]) * f64::from(x[k]))
+                    .sum::<f64>()
+                    + f64::from(*bj);
                 match act {
                     Activation::Relu => s.max(0.0),
                     Activation::Tanh => s.tanh(),
@@ -266,11 +444,26 @@ mod tests {
         let out = run(&m, &input, batch);
         for s in 0..batch {
             let x = &input[s * 5..(s + 1) * 5];
-            let h = reference_dense(m.weights.tensor(0), m.weights.tensor(1), x, 5, Activation::Gelu);
+            let h = reference_dense(
+                m.weights.tensor(0),
+                m.weights.tensor(1),
+                x,
+                5,
+                Activation::Gelu,
+            );
             let h: Vec<f32> = h.iter().map(|v| *v as f32).collect();
-            let y = reference_dense(m.weights.tensor(2), m.weights.tensor(3), &h, 7, Activation::Tanh);
+            let y = reference_dense(
+                m.weights.tensor(2),
+                m.weights.tensor(3),
+                &h,
+                7,
+                Activation::Tanh,
+            );
             for (a, b) in out[s * 3..(s + 1) * 3].iter().zip(&y) {
-                assert!((f64::from(*a) - b).abs() <= 1e-5 * b.abs().max(0.1), "{a} vs {b}");
+                assert!(
+                    (f64::from(*a) - b).abs() <= 1e-5 * b.abs().max(0.1),
+                    "{a} vs {b}"
+                );
             }
             for (a, b) in run(&m, x, 1).iter().zip(&out[s * 3..(s + 1) * 3]) {
                 assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
@@ -281,7 +474,11 @@ mod tests {
     #[test]
     fn lstm_two_layers_run_and_batch_rows_are_independent() {
         let (inp, hid, steps) = (3usize, 4usize, 5usize);
-        let v = |n: usize, s: f32| (0..n).map(|i| ((i as f32 + s) * 0.71).sin() * 0.5).collect::<Vec<f32>>();
+        let v = |n: usize, s: f32| {
+            (0..n)
+                .map(|i| ((i as f32 + s) * 0.71).sin() * 0.5)
+                .collect::<Vec<f32>>()
+        };
         let meta = [("arch", "lstm"), ("sequence_length", "5")];
         let bytes = write(
             &meta,
@@ -299,7 +496,14 @@ mod tests {
             ],
         );
         let m = ModelFile::from_bytes(&bytes).unwrap();
-        assert_eq!((m.spec.input_size, m.spec.output_size, m.spec.sequence_length), (3, 2, 5));
+        assert_eq!(
+            (
+                m.spec.input_size,
+                m.spec.output_size,
+                m.spec.sequence_length
+            ),
+            (3, 2, 5)
+        );
         let batch = 4;
         let input = v(batch * steps * inp, 11.0);
         let out = run(&m, &input, batch);

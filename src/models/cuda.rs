@@ -6,15 +6,18 @@
 //! runs inside `catch_unwind`: cudarc panics when a library is missing, and a panic must
 //! never reach Node.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
 use cudarc::cublas::result::CublasError;
 use cudarc::cublas::sys::{cublasOperation_t, cublasStatus_t};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::sys::CUresult;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
 use parking_lot::Mutex;
 
 use crate::error::{Error, ErrorCode, Result};
@@ -61,7 +64,10 @@ fn unavailable(message: impl Into<String>) -> Error {
 
 fn driver_error(what: &str, err: DriverError) -> Error {
     if err.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        Error::new(ErrorCode::DeviceOutOfMemory, format!("{what}: device out of memory"))
+        Error::new(
+            ErrorCode::DeviceOutOfMemory,
+            format!("{what}: device out of memory"),
+        )
     } else {
         unavailable(format!("{what}: {err:?}"))
     }
@@ -69,7 +75,10 @@ fn driver_error(what: &str, err: DriverError) -> Error {
 
 fn blas_error(what: &str, err: CublasError) -> Error {
     if err.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED {
-        Error::new(ErrorCode::DeviceOutOfMemory, format!("{what}: device out of memory"))
+        Error::new(
+            ErrorCode::DeviceOutOfMemory,
+            format!("{what}: device out of memory"),
+        )
     } else {
         unavailable(format!("{what}: {err:?}"))
     }
@@ -77,18 +86,23 @@ fn blas_error(what: &str, err: CublasError) -> Error {
 
 /// Runs `f`, turning a panic (a missing CUDA symbol, for one) into `DEVICE_UNAVAILABLE`.
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| Err(unavailable(format!("{what}: the CUDA library failed"))))
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(unavailable(format!("{what}: the CUDA library failed"))))
 }
 
-/// True when the CUDA driver library can be loaded. Checked before any driver call.
+/// True when the CUDA driver library can be loaded. Checked (once per process) before any
+/// driver call.
 pub fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
     // SAFETY: only tries to open the shared library.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
 }
 
 fn libraries_present() -> Result<()> {
     if !driver_present() {
-        return Err(unavailable("no CUDA driver found (libcuda is not loadable)"));
+        return Err(unavailable(
+            "no CUDA driver found (libcuda is not loadable)",
+        ));
     }
     // SAFETY: as above.
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -114,22 +128,47 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Opens device `ordinal`, or fails with `DEVICE_UNAVAILABLE` saying what is missing.
+    /// Device `ordinal`, shared by every cache using it (one stream, cuBLAS handle and kernel
+    /// build per device), or `DEVICE_UNAVAILABLE` saying what is missing.
     pub fn open(ordinal: usize) -> Result<Arc<Gpu>> {
+        static OPEN: OnceLock<Mutex<HashMap<usize, Weak<Gpu>>>> = OnceLock::new();
+        let mut open = OPEN.get_or_init(Default::default).lock();
+        if let Some(gpu) = open.get(&ordinal).and_then(Weak::upgrade) {
+            return Ok(gpu);
+        }
+        let gpu = Gpu::create(ordinal)?;
+        open.insert(ordinal, Arc::downgrade(&gpu));
+        Ok(gpu)
+    }
+
+    fn create(ordinal: usize) -> Result<Arc<Gpu>> {
         libraries_present()?;
         guarded("opening the CUDA device", || {
-            let count = CudaContext::device_count().map_err(|e| driver_error("counting CUDA devices", e))?;
+            let count = CudaContext::device_count()
+                .map_err(|e| driver_error("counting CUDA devices", e))?;
             if ordinal >= count.max(0) as usize {
-                return Err(unavailable(format!("cuda:{ordinal} requested but {count} CUDA device(s) present")));
+                return Err(unavailable(format!(
+                    "cuda:{ordinal} requested but {count} CUDA device(s) present"
+                )));
             }
-            let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("creating a CUDA context", e))?;
-            let stream = ctx.new_stream().map_err(|e| driver_error("creating a CUDA stream", e))?;
-            let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| blas_error("creating a cuBLAS handle", e))?;
+            let ctx = CudaContext::new(ordinal)
+                .map_err(|e| driver_error("creating a CUDA context", e))?;
+            let stream = ctx
+                .new_stream()
+                .map_err(|e| driver_error("creating a CUDA stream", e))?;
+            let blas = CudaBlas::new(Arc::clone(&stream))
+                .map_err(|e| blas_error("creating a cuBLAS handle", e))?;
             let ptx = cudarc::nvrtc::compile_ptx(KERNELS)
                 .map_err(|e| unavailable(format!("compiling kernels with NVRTC: {e:?}")))?;
-            let module = ctx.load_module(ptx).map_err(|e| driver_error("loading kernels", e))?;
-            let bias_act = module.load_function("bias_act").map_err(|e| driver_error("loading bias_act", e))?;
-            let lstm_cell = module.load_function("lstm_cell").map_err(|e| driver_error("loading lstm_cell", e))?;
+            let module = ctx
+                .load_module(ptx)
+                .map_err(|e| driver_error("loading kernels", e))?;
+            let bias_act = module
+                .load_function("bias_act")
+                .map_err(|e| driver_error("loading bias_act", e))?;
+            let lstm_cell = module
+                .load_function("lstm_cell")
+                .map_err(|e| driver_error("loading lstm_cell", e))?;
             Ok(Arc::new(Gpu {
                 ordinal,
                 ctx,
@@ -149,17 +188,25 @@ impl Gpu {
     /// `(free, total)` device memory after the stream has drained.
     pub fn mem_get_info(&self) -> Result<(usize, usize)> {
         guarded("reading device memory", || {
-            self.stream.synchronize().map_err(|e| driver_error("synchronizing", e))?;
-            self.ctx.mem_get_info().map_err(|e| driver_error("reading device memory", e))
+            self.stream
+                .synchronize()
+                .map_err(|e| driver_error("synchronizing", e))?;
+            self.ctx
+                .mem_get_info()
+                .map_err(|e| driver_error("reading device memory", e))
         })
     }
 
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
-        self.stream.clone_htod(host).map_err(|e| driver_error("copying weights to the device", e))
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| driver_error("copying weights to the device", e))
     }
 
     fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| driver_error("allocating a device buffer", e))
+        self.stream
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(|e| driver_error("allocating a device buffer", e))
     }
 
     /// `y[rows, w.rows] = x[rows, w.cols] · wᵀ` (row-major), with `y` at element offset `y_at`
@@ -177,7 +224,9 @@ impl Gpu {
         ldy: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let as_int = |v: usize| i32::try_from(v).map_err(|_| Error::invalid_argument("matrix too large for cuBLAS"));
+        let as_int = |v: usize| {
+            i32::try_from(v).map_err(|_| Error::invalid_argument("matrix too large for cuBLAS"))
+        };
         // Column-major view: yᵀ[outputs, rows] = w[outputs, inputs] · xᵀ[inputs, rows].
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
@@ -196,7 +245,14 @@ impl Gpu {
         unsafe { self.blas.gemm(cfg, w, x, &mut view) }.map_err(|e| blas_error("cuBLAS sgemm", e))
     }
 
-    fn bias_act(&self, y: &mut CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, rows: usize, cols: usize, act: Activation) -> Result<()> {
+    fn bias_act(
+        &self,
+        y: &mut CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        rows: usize,
+        cols: usize,
+        act: Activation,
+    ) -> Result<()> {
         let n = rows * cols;
         let code: i32 = match act {
             Activation::Identity => 0,
@@ -218,7 +274,13 @@ impl Gpu {
             }
         };
         let mut launch = self.stream.launch_builder(&self.bias_act);
-        launch.arg(y).arg(bias).arg(&has_bias).arg(&rows_i).arg(&cols_i).arg(&code);
+        launch
+            .arg(y)
+            .arg(bias)
+            .arg(&has_bias)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&code);
         // SAFETY: the kernel reads and writes `rows × cols` elements of `y` and `cols` of `bias`.
         unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }
             .map(|_| ())
@@ -310,7 +372,9 @@ impl CudaModel {
                 };
                 model.dense.push(GpuDense { weight, bias, spec });
             }
-            gpu.stream.synchronize().map_err(|e| driver_error("uploading weights", e))
+            gpu.stream
+                .synchronize()
+                .map_err(|e| driver_error("uploading weights", e))
         })?;
         Ok(model)
     }
@@ -337,7 +401,9 @@ impl CudaModel {
                 }
                 *slot = Some(self.alloc_workspace(batch)?);
             }
-            let ws = slot.as_mut().ok_or_else(|| Error::internal("GPU workspace missing"))?;
+            let ws = slot
+                .as_mut()
+                .ok_or_else(|| Error::internal("GPU workspace missing"))?;
             self.run(ws, input, batch, out)
         })
     }
@@ -368,7 +434,13 @@ impl CudaModel {
         Ok(GpuWorkspace { bytes, ..ws })
     }
 
-    fn run(&self, ws: &mut GpuWorkspace, input: &[f32], batch: usize, out: &mut [f32]) -> Result<()> {
+    fn run(
+        &self,
+        ws: &mut GpuWorkspace,
+        input: &[f32],
+        batch: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let gpu = &self.gpu;
         let GpuWorkspace {
             input: x,
@@ -390,14 +462,44 @@ impl CudaModel {
             let gates = 4 * layer.hidden;
             // Layer 0 reads the input; later layers read the sequence the previous one wrote.
             let src: &CudaSlice<f32> = if k == 0 { x } else { seq_a };
-            gpu.gemm(batch * steps, gates, layer.inputs, src, &layer.weight_ih, proj, 0, gates, false)?;
-            gpu.stream.memset_zeros(h).map_err(|e| driver_error("clearing LSTM state", e))?;
-            gpu.stream.memset_zeros(c).map_err(|e| driver_error("clearing LSTM state", e))?;
+            gpu.gemm(
+                batch * steps,
+                gates,
+                layer.inputs,
+                src,
+                &layer.weight_ih,
+                proj,
+                0,
+                gates,
+                false,
+            )?;
+            gpu.stream
+                .memset_zeros(h)
+                .map_err(|e| driver_error("clearing LSTM state", e))?;
+            gpu.stream
+                .memset_zeros(c)
+                .map_err(|e| driver_error("clearing LSTM state", e))?;
             for t in 0..steps {
                 if t > 0 {
-                    gpu.gemm(batch, gates, layer.hidden, h, &layer.weight_hh, proj, t * gates, steps * gates, true)?;
+                    gpu.gemm(
+                        batch,
+                        gates,
+                        layer.hidden,
+                        h,
+                        &layer.weight_hh,
+                        proj,
+                        t * gates,
+                        steps * gates,
+                        true,
+                    )?;
                 }
-                let ints = [batch as i32, steps as i32, layer.hidden as i32, t as i32, i32::from(!top)];
+                let ints = [
+                    batch as i32,
+                    steps as i32,
+                    layer.hidden as i32,
+                    t as i32,
+                    i32::from(!top),
+                ];
                 let mut launch = gpu.stream.launch_builder(&gpu.lstm_cell);
                 launch
                     .arg(&*proj)
@@ -412,8 +514,10 @@ impl CudaModel {
                     .arg(&ints[4]);
                 // SAFETY: the kernel touches `batch × hidden` cells of h and c, and rows of
                 // proj and seq_b within the sizes allocated for this batch.
-                unsafe { launch.launch(LaunchConfig::for_num_elems((batch * layer.hidden) as u32)) }
-                    .map_err(|e| driver_error("launching lstm_cell", e))?;
+                unsafe {
+                    launch.launch(LaunchConfig::for_num_elems((batch * layer.hidden) as u32))
+                }
+                .map_err(|e| driver_error("launching lstm_cell", e))?;
             }
             if !top {
                 std::mem::swap(seq_a, seq_b);
@@ -434,7 +538,17 @@ impl CudaModel {
                 Src::Ping => (pong, ping),
                 Src::Pong => (ping, pong),
             };
-            gpu.gemm(batch, s.outputs, s.inputs, from, &layer.weight, dst, 0, s.outputs, false)?;
+            gpu.gemm(
+                batch,
+                s.outputs,
+                s.inputs,
+                from,
+                &layer.weight,
+                dst,
+                0,
+                s.outputs,
+                false,
+            )?;
             gpu.bias_act(dst, layer.bias.as_ref(), batch, s.outputs, s.activation)?;
             src = match src {
                 Src::First | Src::Pong => Src::Ping,
@@ -450,7 +564,9 @@ impl CudaModel {
         gpu.stream
             .memcpy_dtoh(&result.slice(..out.len()), out)
             .map_err(|e| driver_error("copying output to the host", e))?;
-        gpu.stream.synchronize().map_err(|e| driver_error("running the model", e))
+        gpu.stream
+            .synchronize()
+            .map_err(|e| driver_error("running the model", e))
     }
 }
 

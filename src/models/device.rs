@@ -73,11 +73,26 @@ mod tests {
 
     #[test]
     fn parses_requests() {
-        assert_eq!("auto".parse::<DeviceRequest>().unwrap(), DeviceRequest::Auto);
-        assert_eq!("cuda".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(0));
-        assert_eq!("cuda:1".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(1));
-        assert_eq!("gpu".parse::<DeviceRequest>().unwrap_err().code, ErrorCode::InvalidArgument);
-        assert_eq!("cuda:x".parse::<DeviceRequest>().unwrap_err().code, ErrorCode::InvalidArgument);
+        assert_eq!(
+            "auto".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Auto
+        );
+        assert_eq!(
+            "cuda".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cuda(0)
+        );
+        assert_eq!(
+            "cuda:1".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cuda(1)
+        );
+        assert_eq!(
+            "gpu".parse::<DeviceRequest>().unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            "cuda:x".parse::<DeviceRequest>().unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
     }
 
     #[test]

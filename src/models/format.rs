@@ -179,7 +179,11 @@ fn parse_tensor(name: &str, value: &Value, data_len: usize) -> Result<TensorInfo
         let dim = d
             .as_u64()
             .and_then(|d| usize::try_from(d).ok())
-            .ok_or_else(|| format_error(format!("tensor '{name}' has a shape entry that is not a size: {d}")))?;
+            .ok_or_else(|| {
+                format_error(format!(
+                    "tensor '{name}' has a shape entry that is not a size: {d}"
+                ))
+            })?;
         elements = elements
             .checked_mul(dim)
             .ok_or_else(|| format_error(format!("tensor '{name}' has an absurd shape {dims:?}")))?;
@@ -199,7 +203,11 @@ fn parse_tensor(name: &str, value: &Value, data_len: usize) -> Result<TensorInfo
     let offset = |v: &Value| {
         v.as_u64()
             .and_then(|v| usize::try_from(v).ok())
-            .ok_or_else(|| format_error(format!("tensor '{name}' has a data offset that is not a size")))
+            .ok_or_else(|| {
+                format_error(format!(
+                    "tensor '{name}' has a data offset that is not a size"
+                ))
+            })
     };
     let (start, end) = (offset(&offsets[0])?, offset(&offsets[1])?);
     if start > end || end > data_len {
@@ -336,7 +344,9 @@ impl<'h> Resolver<'h> {
             )));
         }
         if info.shape.contains(&0) {
-            return Err(format_error(format!("tensor '{name}' has an empty dimension")));
+            return Err(format_error(format!(
+                "tensor '{name}' has an empty dimension"
+            )));
         }
         self.names.push(name.to_string());
         Ok(Some((self.names.len() - 1, &info.shape)))
@@ -409,11 +419,11 @@ impl<'h> Resolver<'h> {
 fn meta_size(header: &Header, key: &str) -> Result<Option<usize>> {
     match header.metadata.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .trim()
-            .parse::<usize>()
-            .map(Some)
-            .map_err(|_| format_error(format!("__metadata__.{key} is '{v}'; expected a whole number"))),
+        Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| {
+            format_error(format!(
+                "__metadata__.{key} is '{v}'; expected a whole number"
+            ))
+        }),
     }
 }
 
@@ -435,7 +445,9 @@ pub fn model_spec(header: &Header) -> Result<(ModelSpec, Vec<String>)> {
                 .tensors
                 .get("dense.0.weight")
                 .and_then(|t| t.shape.get(1).copied())
-                .ok_or_else(|| format_error("missing tensor 'dense.0.weight' (shape [outputs, inputs])"))?;
+                .ok_or_else(|| {
+                    format_error("missing tensor 'dense.0.weight' (shape [outputs, inputs])")
+                })?;
             let dense = r.dense_stack(input_size, activations)?;
             let output_size = dense.last().map_or(input_size, |d| d.outputs);
             ModelSpec {
@@ -498,7 +510,9 @@ pub fn model_spec(header: &Header) -> Result<(ModelSpec, Vec<String>)> {
                 });
             }
             let Some(first) = layers.first() else {
-                return Err(format_error(format!("missing tensor '{prefix}weight_ih_l0'")));
+                return Err(format_error(format!(
+                    "missing tensor '{prefix}weight_ih_l0'"
+                )));
             };
             let input_size = first.inputs;
             let hidden = layers.last().map_or(0, |l| l.hidden);
@@ -517,7 +531,10 @@ pub fn model_spec(header: &Header) -> Result<(ModelSpec, Vec<String>)> {
             )))
         }
     };
-    for (key, actual) in [("input_size", spec.input_size), ("output_size", spec.output_size)] {
+    for (key, actual) in [
+        ("input_size", spec.input_size),
+        ("output_size", spec.output_size),
+    ] {
         if let Some(declared) = meta_size(header, key)? {
             if declared != actual {
                 return Err(format_error(format!(
@@ -584,8 +601,12 @@ impl Weights {
     fn owned(file: &[u8], header: &Header, names: &[String]) -> Result<Weights> {
         let total: usize = names.iter().map(|n| header.tensors[n].elements()).sum();
         let mut data = Vec::new();
-        data.try_reserve_exact(total)
-            .map_err(|_| Error::new(ErrorCode::DeviceOutOfMemory, format!("cannot allocate {} bytes of weights", total * 4)))?;
+        data.try_reserve_exact(total).map_err(|_| {
+            Error::new(
+                ErrorCode::DeviceOutOfMemory,
+                format!("cannot allocate {} bytes of weights", total * 4),
+            )
+        })?;
         let mut table = Vec::with_capacity(names.len());
         for name in names {
             let info = &header.tensors[name];
@@ -664,7 +685,12 @@ impl ModelFile {
         })?;
         let len = file
             .metadata()
-            .map_err(|e| Error::new(ErrorCode::ModelNotFound, format!("cannot stat '{}': {e}", path.display())))?
+            .map_err(|e| {
+                Error::new(
+                    ErrorCode::ModelNotFound,
+                    format!("cannot stat '{}': {e}", path.display()),
+                )
+            })?
             .len();
         if len < 8 {
             return Err(format_error(format!(
@@ -688,7 +714,10 @@ pub(crate) mod tests {
     use super::*;
 
     /// Writes a safetensors file from `(name, shape, f32 data)` with the given metadata.
-    pub(crate) fn write(meta: &[(&str, &str)], tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    pub(crate) fn write(
+        meta: &[(&str, &str)],
+        tensors: &[(&str, Vec<usize>, Vec<f32>)],
+    ) -> Vec<u8> {
         let mut header = serde_json::Map::new();
         let m: serde_json::Map<String, Value> = meta
             .iter()
@@ -720,7 +749,9 @@ pub(crate) mod tests {
     pub(crate) fn mlp(dims: &[usize], activations: &str, seed: u64) -> Vec<u8> {
         let mut rng = seed;
         let mut next = move || {
-            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
         let mut tensors = Vec::new();
@@ -729,7 +760,11 @@ pub(crate) mod tests {
             .collect();
         for (i, (w, b)) in names.iter().enumerate() {
             let (inp, out) = (dims[i], dims[i + 1]);
-            tensors.push((w.as_str(), vec![out, inp], (0..out * inp).map(|_| next()).collect()));
+            tensors.push((
+                w.as_str(),
+                vec![out, inp],
+                (0..out * inp).map(|_| next()).collect(),
+            ));
             tensors.push((b.as_str(), vec![out], (0..out).map(|_| next()).collect()));
         }
         write(&[("arch", "mlp"), ("activations", activations)], &tensors)
@@ -765,7 +800,11 @@ pub(crate) mod tests {
     fn rejects_truncation_at_every_length() {
         let bytes = mlp(&[4, 8, 2], "relu,none", 2);
         for len in 0..bytes.len() {
-            assert_eq!(code(ModelFile::from_bytes(&bytes[..len])), ErrorCode::ModelFormat, "len {len}");
+            assert_eq!(
+                code(ModelFile::from_bytes(&bytes[..len])),
+                ErrorCode::ModelFormat,
+                "len {len}"
+            );
         }
     }
 
@@ -825,13 +864,24 @@ pub(crate) mod tests {
             ],
         );
         let e = ModelFile::from_bytes(&bad).err().unwrap();
-        assert!(e.message.contains("takes 4 inputs but receives 3"), "{}", e.message);
+        assert!(
+            e.message.contains("takes 4 inputs but receives 3"),
+            "{}",
+            e.message
+        );
         let extra = write(
             &[("arch", "mlp")],
-            &[("dense.0.weight", vec![1, 2], vec![0.0; 2]), ("stray", vec![1], vec![0.0])],
+            &[
+                ("dense.0.weight", vec![1, 2], vec![0.0; 2]),
+                ("stray", vec![1], vec![0.0]),
+            ],
         );
         let e = ModelFile::from_bytes(&extra).err().unwrap();
-        assert!(e.message.contains("unexpected tensor 'stray'"), "{}", e.message);
+        assert!(
+            e.message.contains("unexpected tensor 'stray'"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -854,7 +904,9 @@ pub(crate) mod tests {
         for id in 0..4 {
             assert_eq!(m.weights.tensor(id), owned.weights.tensor(id));
         }
-        let missing = ModelFile::open(&dir.join("nope.safetensors")).err().unwrap();
+        let missing = ModelFile::open(&dir.join("nope.safetensors"))
+            .err()
+            .unwrap();
         assert_eq!(missing.code, ErrorCode::ModelNotFound);
         std::fs::remove_dir_all(&dir).ok();
     }

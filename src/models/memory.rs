@@ -44,8 +44,12 @@ impl Accounting {
 
     pub fn usage(&self) -> MemoryUsage {
         let get = |b: Bucket| self.counters[b as usize].load(Ordering::Relaxed).max(0) as u64;
-        let (model_data_bytes, cache_bytes, temp_buffer_bytes, gpu_bytes) =
-            (get(Bucket::ModelData), get(Bucket::Cache), get(Bucket::Temp), get(Bucket::Gpu));
+        let (model_data_bytes, cache_bytes, temp_buffer_bytes, gpu_bytes) = (
+            get(Bucket::ModelData),
+            get(Bucket::Cache),
+            get(Bucket::Temp),
+            get(Bucket::Gpu),
+        );
         MemoryUsage {
             model_data_bytes,
             cache_bytes,
@@ -65,7 +69,11 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn new(cache: Arc<Accounting>, recorder: Arc<CacheRecorder>, model: Arc<ModelRecorder>) -> Ledger {
+    pub fn new(
+        cache: Arc<Accounting>,
+        recorder: Arc<CacheRecorder>,
+        model: Arc<ModelRecorder>,
+    ) -> Ledger {
         Ledger {
             own: Accounting::default(),
             cache,
@@ -152,7 +160,8 @@ impl TensorCache {
         };
         let mut buf = match reused {
             Some(buf) => {
-                self.ledger.moved(Bucket::Cache, Bucket::Temp, bytes_of(&buf));
+                self.ledger
+                    .moved(Bucket::Cache, Bucket::Temp, bytes_of(&buf));
                 buf
             }
             None => {
@@ -205,7 +214,11 @@ mod tests {
         let reg = Registry::new();
         let rec = reg.register_cache("t");
         let totals = Arc::new(Accounting::default());
-        let ledger = Arc::new(Ledger::new(Arc::clone(&totals), Arc::clone(&rec), rec.model("m")));
+        let ledger = Arc::new(Ledger::new(
+            Arc::clone(&totals),
+            Arc::clone(&rec),
+            rec.model("m"),
+        ));
         let cache = TensorCache::new(1024, Arc::clone(&ledger));
         let a = cache.take(100).unwrap();
         assert_eq!(ledger.usage().temp_buffer_bytes, 128 * 4);

@@ -8,6 +8,8 @@ pub mod device;
 pub mod format;
 pub mod memory;
 
-pub use cache::{predict, CacheConfig, CacheStats, ModelCache, ModelHandle, ModelInfo, ModelSource, Prediction};
+pub use cache::{
+    predict, CacheConfig, CacheStats, ModelCache, ModelHandle, ModelInfo, ModelSource, Prediction,
+};
 pub use device::DeviceRequest;
 pub use memory::MemoryUsage;

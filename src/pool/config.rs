@@ -98,8 +98,20 @@ const DAY_MS: f64 = 86_400_000.0;
 impl PoolConfig {
     pub fn from_options(opts: PoolOptions) -> Result<PoolConfig> {
         let (target, url_tls) = parse_url(&opts.url)?;
-        let max_size = count("maxSize", opts.max_size, defaults::MAX_SIZE, 1, MAX_POOL_SIZE)?;
-        let min_idle = count("minIdle", opts.min_idle, defaults::MIN_IDLE, 0, MAX_POOL_SIZE)?;
+        let max_size = count(
+            "maxSize",
+            opts.max_size,
+            defaults::MAX_SIZE,
+            1,
+            MAX_POOL_SIZE,
+        )?;
+        let min_idle = count(
+            "minIdle",
+            opts.min_idle,
+            defaults::MIN_IDLE,
+            0,
+            MAX_POOL_SIZE,
+        )?;
         if min_idle > max_size {
             return Err(Error::invalid_argument(format!(
                 "minIdle ({min_idle}) must not exceed maxSize ({max_size})"
@@ -142,12 +154,43 @@ impl PoolConfig {
         Ok(PoolConfig {
             max_size,
             min_idle,
-            acquire_timeout: millis("acquireTimeoutMs", opts.acquire_timeout_ms, defaults::ACQUIRE_TIMEOUT_MS, false)?,
-            connect_timeout: millis("connectTimeoutMs", opts.connect_timeout_ms, defaults::CONNECT_TIMEOUT_MS, false)?,
-            max_lifetime: millis("maxLifetimeMs", opts.max_lifetime_ms, defaults::MAX_LIFETIME_MS, true)?,
-            idle_timeout: millis("idleTimeoutMs", opts.idle_timeout_ms, defaults::IDLE_TIMEOUT_MS, true)?,
-            keepalive: millis("keepaliveMs", opts.keepalive_ms, defaults::KEEPALIVE_MS, true)?,
-            max_waiting: count("maxWaiting", opts.max_waiting, defaults::MAX_WAITING, 0, usize::MAX >> 1)?,
+            acquire_timeout: millis(
+                "acquireTimeoutMs",
+                opts.acquire_timeout_ms,
+                defaults::ACQUIRE_TIMEOUT_MS,
+                false,
+            )?,
+            connect_timeout: millis(
+                "connectTimeoutMs",
+                opts.connect_timeout_ms,
+                defaults::CONNECT_TIMEOUT_MS,
+                false,
+            )?,
+            max_lifetime: millis(
+                "maxLifetimeMs",
+                opts.max_lifetime_ms,
+                defaults::MAX_LIFETIME_MS,
+                true,
+            )?,
+            idle_timeout: millis(
+                "idleTimeoutMs",
+                opts.idle_timeout_ms,
+                defaults::IDLE_TIMEOUT_MS,
+                true,
+            )?,
+            keepalive: millis(
+                "keepaliveMs",
+                opts.keepalive_ms,
+                defaults::KEEPALIVE_MS,
+                true,
+            )?,
+            max_waiting: count(
+                "maxWaiting",
+                opts.max_waiting,
+                defaults::MAX_WAITING,
+                0,
+                usize::MAX >> 1,
+            )?,
             leak_detection: millis("leakDetectionMs", opts.leak_detection_ms, 0, true)?,
             statement_cache: opts.statement_cache.unwrap_or(true),
             tls,
@@ -158,7 +201,13 @@ impl PoolConfig {
     }
 }
 
-fn count(option: &str, value: Option<f64>, default: usize, min: usize, max: usize) -> Result<usize> {
+fn count(
+    option: &str,
+    value: Option<f64>,
+    default: usize,
+    min: usize,
+    max: usize,
+) -> Result<usize> {
     let Some(v) = value else { return Ok(default) };
     if !v.is_finite() || v.fract() != 0.0 || v < min as f64 || v > max as f64 {
         return Err(Error::invalid_argument(format!(
@@ -168,7 +217,12 @@ fn count(option: &str, value: Option<f64>, default: usize, min: usize, max: usiz
     Ok(v as usize)
 }
 
-fn millis(option: &str, value: Option<f64>, default_ms: u64, zero_allowed: bool) -> Result<Duration> {
+fn millis(
+    option: &str,
+    value: Option<f64>,
+    default_ms: u64,
+    zero_allowed: bool,
+) -> Result<Duration> {
     let Some(v) = value else {
         return Ok(Duration::from_millis(default_ms));
     };
@@ -186,7 +240,9 @@ fn millis(option: &str, value: Option<f64>, default_ms: u64, zero_allowed: bool)
 pub fn parse_url(url: &str) -> Result<(Target, Option<TlsMode>)> {
     let url = url.trim();
     let scheme_end = url.find(':').ok_or_else(|| {
-        Error::invalid_argument("url must start with postgres://, postgresql://, sqlite:, redis:// or rediss://")
+        Error::invalid_argument(
+            "url must start with postgres://, postgresql://, sqlite:, redis:// or rediss://",
+        )
     })?;
     let scheme = url[..scheme_end].to_ascii_lowercase();
     let rest = &url[scheme_end + 1..];
@@ -257,13 +313,24 @@ mod tests {
 
     #[test]
     fn parses_every_scheme() {
-        assert!(matches!(parse_url("sqlite::memory:").unwrap().0, Target::SqliteMemory));
+        assert!(matches!(
+            parse_url("sqlite::memory:").unwrap().0,
+            Target::SqliteMemory
+        ));
         assert_eq!(
             parse_url("sqlite:./trading.db").unwrap().0,
-            Target::SqliteFile { path: "./trading.db".into() }
+            Target::SqliteFile {
+                path: "./trading.db".into()
+            }
         );
-        assert!(matches!(parse_url("redis://127.0.0.1:6379/0").unwrap().0, Target::Redis { .. }));
-        let (t, tls) = parse_url("postgres://u:p@h1:5432,h2:5433/db?target_session_attrs=read-write&sslmode=verify-full").unwrap();
+        assert!(matches!(
+            parse_url("redis://127.0.0.1:6379/0").unwrap().0,
+            Target::Redis { .. }
+        ));
+        let (t, tls) = parse_url(
+            "postgres://u:p@h1:5432,h2:5433/db?target_session_attrs=read-write&sslmode=verify-full",
+        )
+        .unwrap();
         assert_eq!(tls, Some(TlsMode::VerifyFull));
         match t {
             Target::Postgres { url } => assert!(!url.contains("sslmode")),
@@ -273,17 +340,34 @@ mod tests {
 
     #[test]
     fn bad_options_name_themselves_and_hide_passwords() {
-        let e = PoolConfig::from_options(PoolOptions { max_size: Some(0.0), ..opts("sqlite::memory:") }).unwrap_err();
+        let e = PoolConfig::from_options(PoolOptions {
+            max_size: Some(0.0),
+            ..opts("sqlite::memory:")
+        })
+        .unwrap_err();
         assert!(e.message.contains("maxSize"), "{}", e.message);
-        let e = PoolConfig::from_options(PoolOptions { max_size: Some(10_001.0), ..opts("sqlite::memory:") }).unwrap_err();
+        let e = PoolConfig::from_options(PoolOptions {
+            max_size: Some(10_001.0),
+            ..opts("sqlite::memory:")
+        })
+        .unwrap_err();
         assert!(e.message.contains("maxSize"));
         let e = PoolConfig::from_options(opts("mysql://root:hunter2@h/db")).unwrap_err();
         assert!(!e.message.contains("hunter2"));
         let e = PoolConfig::from_options(opts("postgres://u:hunter2@h:notaport/db")).unwrap_err();
         assert!(!e.message.contains("hunter2"), "{}", e.message);
-        let e = PoolConfig::from_options(PoolOptions { acquire_timeout_ms: Some(0.0), ..opts("sqlite::memory:") }).unwrap_err();
+        let e = PoolConfig::from_options(PoolOptions {
+            acquire_timeout_ms: Some(0.0),
+            ..opts("sqlite::memory:")
+        })
+        .unwrap_err();
         assert!(e.message.contains("acquireTimeoutMs"));
-        let e = PoolConfig::from_options(PoolOptions { min_idle: Some(5.0), max_size: Some(2.0), ..opts("sqlite::memory:") }).unwrap_err();
+        let e = PoolConfig::from_options(PoolOptions {
+            min_idle: Some(5.0),
+            max_size: Some(2.0),
+            ..opts("sqlite::memory:")
+        })
+        .unwrap_err();
         assert!(e.message.contains("minIdle"));
     }
 

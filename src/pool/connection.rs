@@ -1,6 +1,7 @@
 //! One pooled connection, whatever the backend, with the state the pool needs to hand it
 //! on clean: transaction state, age, last use.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,69 @@ pub enum Operation<'a> {
     Execute(&'a str, &'a [Value]),
     Command(&'a str, &'a [Value]),
     Pipeline(&'a [(String, Vec<Value>)]),
+}
+
+/// An [`Operation`] that owns its text and values, for work queued across threads.
+#[derive(Debug, Clone)]
+pub enum Statement {
+    Query(String, Vec<Value>),
+    Execute(String, Vec<Value>),
+    Command(String, Vec<Value>),
+    Pipeline(Vec<(String, Vec<Value>)>),
+}
+
+impl Statement {
+    pub fn borrow(&self) -> Operation<'_> {
+        match self {
+            Statement::Query(s, p) => Operation::Query(s, p),
+            Statement::Execute(s, p) => Operation::Execute(s, p),
+            Statement::Command(s, p) => Operation::Command(s, p),
+            Statement::Pipeline(c) => Operation::Pipeline(c),
+        }
+    }
+
+    /// Whether it can share a connection with other statements in flight: not when it opens
+    /// or ends a transaction (or a Redis MULTI/WATCH), which would bleed into its neighbours.
+    pub fn can_pipeline(&self) -> bool {
+        match self {
+            Statement::Query(sql, _) | Statement::Execute(sql, _) => {
+                transaction_effect(sql).is_none()
+            }
+            Statement::Command(name, _) => !is_session_command(name),
+            Statement::Pipeline(cmds) => cmds.iter().all(|(name, _)| !is_session_command(name)),
+        }
+    }
+}
+
+fn is_session_command(name: &str) -> bool {
+    matches!(
+        name.to_ascii_uppercase().as_str(),
+        "MULTI"
+            | "EXEC"
+            | "DISCARD"
+            | "WATCH"
+            | "UNWATCH"
+            | "SELECT"
+            | "SUBSCRIBE"
+            | "PSUBSCRIBE"
+            | "SSUBSCRIBE"
+            | "MONITOR"
+            | "CLIENT"
+            | "HELLO"
+            | "AUTH"
+            | "RESET"
+            | "READONLY"
+            | "READWRITE"
+            | "SWAPDB"
+            | "BLPOP"
+            | "BRPOP"
+            | "BLMOVE"
+            | "BZPOPMIN"
+            | "BZPOPMAX"
+            | "XREAD"
+            | "XREADGROUP"
+            | "WAIT"
+    )
 }
 
 /// What an [`Operation`] produced.
@@ -53,14 +117,18 @@ pub struct Connection {
     /// When it last came back to the pool (or was created).
     pub(crate) last_returned: Instant,
     /// PostgreSQL: a statement may have opened a transaction that is still open.
-    maybe_in_transaction: bool,
+    maybe_in_transaction: AtomicBool,
     /// Retire instead of returning it: a lost connection or session state we can't undo.
-    pub(crate) broken: bool,
+    broken: AtomicBool,
     recorder: Arc<PoolRecorder>,
 }
 
 impl Connection {
-    pub(crate) fn new(backend: Backend, lifetime: Option<Duration>, recorder: Arc<PoolRecorder>) -> Self {
+    pub(crate) fn new(
+        backend: Backend,
+        lifetime: Option<Duration>,
+        recorder: Arc<PoolRecorder>,
+    ) -> Self {
         recorder.created.inc();
         let now = Instant::now();
         Connection {
@@ -68,8 +136,8 @@ impl Connection {
             lifetime,
             created: now,
             last_returned: now,
-            maybe_in_transaction: false,
-            broken: false,
+            maybe_in_transaction: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
             recorder,
         }
     }
@@ -88,10 +156,10 @@ impl Connection {
 
     /// Cheap, synchronous: the socket is known dead or the session can't be reused.
     pub(crate) fn is_unusable(&self) -> bool {
-        self.broken
+        self.broken.load(Ordering::Relaxed)
             || match &self.backend {
                 Backend::Postgres(pg) => pg.is_closed(),
-                Backend::Redis(r) => r.tainted,
+                Backend::Redis(r) => r.tainted.load(Ordering::Relaxed),
                 Backend::Sqlite(_) => false,
             }
     }
@@ -99,14 +167,14 @@ impl Connection {
     /// True when the next user could inherit an open transaction.
     pub(crate) fn needs_reset(&self) -> bool {
         match &self.backend {
-            Backend::Postgres(_) => self.maybe_in_transaction,
+            Backend::Postgres(_) => self.maybe_in_transaction.load(Ordering::Relaxed),
             Backend::Sqlite(s) => s.in_transaction(),
-            Backend::Redis(r) => r.in_transaction,
+            Backend::Redis(r) => r.in_transaction.load(Ordering::Relaxed),
         }
     }
 
-    pub(crate) async fn ping(&mut self) -> Result<()> {
-        match &mut self.backend {
+    pub(crate) async fn ping(&self) -> Result<()> {
+        match &self.backend {
             Backend::Postgres(pg) => pg.ping().await,
             Backend::Sqlite(s) => s.ping().await,
             Backend::Redis(r) => r.ping().await,
@@ -114,13 +182,13 @@ impl Connection {
     }
 
     /// Rolls back whatever a previous user left open.
-    pub(crate) async fn reset(&mut self) -> Result<()> {
-        match &mut self.backend {
+    pub(crate) async fn reset(&self) -> Result<()> {
+        match &self.backend {
             Backend::Postgres(pg) => pg.rollback().await?,
             Backend::Sqlite(s) => s.rollback().await?,
             Backend::Redis(r) => r.reset().await?,
         }
-        self.maybe_in_transaction = false;
+        self.maybe_in_transaction.store(false, Ordering::Relaxed);
         Ok(())
     }
 
@@ -131,21 +199,21 @@ impl Connection {
         ))
     }
 
-    fn after_statement<T>(&mut self, sql: &str, started: Instant, result: &Result<T>) {
+    fn after_statement<T>(&self, sql: &str, started: Instant, result: &Result<T>) {
         self.recorder.queries.inc();
         self.recorder.query_latency.record(started.elapsed());
         if let Some(opens) = transaction_effect(sql) {
-            self.maybe_in_transaction = opens;
+            self.maybe_in_transaction.store(opens, Ordering::Relaxed);
         }
         if let Err(e) = result {
             self.recorder.errors_query.inc();
-            if e.sqlstate.as_deref().is_some_and(|s| s.starts_with("08") || s == "57P01") {
-                self.broken = true;
+            if is_connection_lost(e) {
+                self.broken.store(true, Ordering::Relaxed);
             }
         }
     }
 
-    pub async fn run(&mut self, op: &Operation<'_>) -> Result<Outcome> {
+    pub async fn run(&self, op: &Operation<'_>) -> Result<Outcome> {
         match *op {
             Operation::Query(sql, params) => self.query(sql, params).await.map(Outcome::Rows),
             Operation::Execute(sql, params) => self.execute(sql, params).await.map(Outcome::Done),
@@ -154,9 +222,9 @@ impl Connection {
         }
     }
 
-    pub async fn query(&mut self, sql: &str, params: &[Value]) -> Result<QueryResult> {
+    pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
         let started = Instant::now();
-        let result = match &mut self.backend {
+        let result = match &self.backend {
             Backend::Postgres(pg) => pg.query(sql, params).await,
             Backend::Sqlite(s) => s.query(sql, params).await,
             Backend::Redis(_) => return Err(self.sql_only("query")),
@@ -165,9 +233,9 @@ impl Connection {
         result
     }
 
-    pub async fn execute(&mut self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
+    pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
         let started = Instant::now();
-        let result = match &mut self.backend {
+        let result = match &self.backend {
             Backend::Postgres(pg) => pg.execute(sql, params).await,
             Backend::Sqlite(s) => s.execute(sql, params).await,
             Backend::Redis(_) => return Err(self.sql_only("execute")),
@@ -176,9 +244,9 @@ impl Connection {
         result
     }
 
-    pub async fn command(&mut self, name: &str, args: &[Value]) -> Result<Value> {
+    pub async fn command(&self, name: &str, args: &[Value]) -> Result<Value> {
         let started = Instant::now();
-        let Backend::Redis(r) = &mut self.backend else {
+        let Backend::Redis(r) = &self.backend else {
             return Err(redis_only(self.backend_name()));
         };
         let result = r.command(name, args).await;
@@ -186,9 +254,9 @@ impl Connection {
         result
     }
 
-    pub async fn pipeline(&mut self, commands: &[(String, Vec<Value>)]) -> Result<Vec<Value>> {
+    pub async fn pipeline(&self, commands: &[(String, Vec<Value>)]) -> Result<Vec<Value>> {
         let started = Instant::now();
-        let Backend::Redis(r) = &mut self.backend else {
+        let Backend::Redis(r) = &self.backend else {
             return Err(redis_only(self.backend_name()));
         };
         let result = r.pipeline(commands).await;
@@ -196,14 +264,14 @@ impl Connection {
         result
     }
 
-    fn after_command<T>(&mut self, started: Instant, result: &Result<T>) {
+    fn after_command<T>(&self, started: Instant, result: &Result<T>) {
         self.recorder.queries.inc();
         self.recorder.query_latency.record(started.elapsed());
         if let Err(e) = result {
             self.recorder.errors_query.inc();
             if e.sqlstate.is_none() {
                 // No server error code: the connection itself failed.
-                self.broken = true;
+                self.broken.store(true, Ordering::Relaxed);
             }
         }
     }
@@ -214,6 +282,13 @@ fn redis_only(backend: &str) -> Error {
         ErrorCode::InvalidArgument,
         format!("command/pipeline need a Redis pool; this pool is {backend} (use query/execute)"),
     )
+}
+
+/// The server or the network dropped the connection (SQLSTATE class 08, admin shutdown).
+pub(crate) fn is_connection_lost(e: &Error) -> bool {
+    e.sqlstate
+        .as_deref()
+        .is_some_and(|s| s.starts_with("08") || s == "57P01")
 }
 
 impl Drop for Connection {
@@ -236,7 +311,12 @@ pub(crate) fn transaction_effect(sql: &str) -> Option<bool> {
         "commit" | "end" | "abort" => Some(false),
         "rollback" => {
             let rest = text[word.len()..].trim_start().to_ascii_lowercase();
-            let rest = rest.strip_prefix("work").or(rest.strip_prefix("transaction")).unwrap_or(&rest).trim_start().to_string();
+            let rest = rest
+                .strip_prefix("work")
+                .or(rest.strip_prefix("transaction"))
+                .unwrap_or(&rest)
+                .trim_start()
+                .to_string();
             if rest.starts_with("to") {
                 None
             } else {
@@ -267,7 +347,10 @@ mod tests {
     #[test]
     fn transaction_keywords_are_recognised() {
         assert_eq!(transaction_effect("BEGIN"), Some(true));
-        assert_eq!(transaction_effect("  /* tx */ -- go\n start transaction isolation level serializable"), Some(true));
+        assert_eq!(
+            transaction_effect("  /* tx */ -- go\n start transaction isolation level serializable"),
+            Some(true)
+        );
         assert_eq!(transaction_effect("commit"), Some(false));
         assert_eq!(transaction_effect("ROLLBACK"), Some(false));
         assert_eq!(transaction_effect("rollback to savepoint a"), None);

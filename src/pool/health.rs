@@ -51,7 +51,11 @@ impl PoolMetrics {
             successful_gets: ok,
             timeouts: r.timeouts(),
             errors: r.errors(),
-            success_rate: if total == 0 { 100.0 } else { ok as f64 * 100.0 / total as f64 },
+            success_rate: if total == 0 {
+                100.0
+            } else {
+                ok as f64 * 100.0 / total as f64
+            },
             uptime_seconds: r.started.elapsed().as_secs_f64(),
             created: r.created.get(),
             recycled: r.recycled.get(),
@@ -172,7 +176,8 @@ pub fn recommend(m: &PoolMetrics, peak_in_use: u64, config: &PoolConfig) -> Vec<
         out.push(Recommendation {
             kind: "connect-failures",
             severity: "warning",
-            message: "no connection could be opened yet; check the URL, network and credentials".into(),
+            message: "no connection could be opened yet; check the URL, network and credentials"
+                .into(),
             suggested_max_size: None,
         });
     }

@@ -24,7 +24,12 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub(crate) fn new(object: Object<Manager>, shared: Arc<PoolShared>, reused: bool, tracking: Option<LiveToken>) -> Lease {
+    pub(crate) fn new(
+        object: Object<Manager>,
+        shared: Arc<PoolShared>,
+        reused: bool,
+        tracking: Option<LiveToken>,
+    ) -> Lease {
         Lease {
             object: Some(object),
             shared,
@@ -35,10 +40,13 @@ impl Lease {
     }
 
     /// The connection, or `POOL_CLOSED` once released.
-    pub fn connection(&mut self) -> Result<&mut Connection> {
-        self.object
-            .as_deref_mut()
-            .ok_or_else(|| Error::new(ErrorCode::PoolClosed, "this connection was already released to its pool"))
+    pub fn connection(&self) -> Result<&Connection> {
+        self.object.as_deref().ok_or_else(|| {
+            Error::new(
+                ErrorCode::PoolClosed,
+                "this connection was already released to its pool",
+            )
+        })
     }
 
     pub fn is_released(&self) -> bool {
@@ -61,7 +69,9 @@ impl Lease {
     }
 
     fn finish(&mut self, leaked: bool) {
-        let Some(mut object) = self.object.take() else { return };
+        let Some(mut object) = self.object.take() else {
+            return;
+        };
         self.tracking = None;
         let recorder = &self.shared.recorder;
         recorder.usage_latency.record(self.acquired.elapsed());

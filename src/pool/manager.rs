@@ -80,12 +80,16 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(config: Arc<PoolConfig>, recorder: Arc<PoolRecorder>, sqlite_memory: Option<SqliteTarget>) -> Result<Manager> {
+    pub fn new(
+        config: Arc<PoolConfig>,
+        recorder: Arc<PoolRecorder>,
+        sqlite_memory: Option<SqliteTarget>,
+    ) -> Result<Manager> {
         let connector = match &config.target {
             Target::Postgres { url } => {
-                let mut pg: tokio_postgres::Config = url
-                    .parse()
-                    .map_err(|e| Error::invalid_argument(format!("url is not a valid PostgreSQL URL: {e}")))?;
+                let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
+                    Error::invalid_argument(format!("url is not a valid PostgreSQL URL: {e}"))
+                })?;
                 pg.connect_timeout(config.connect_timeout);
                 if pg.get_application_name().is_none() {
                     pg.application_name("quartermaster");
@@ -93,10 +97,14 @@ impl Manager {
                 let tls = match &config.tls {
                     Some(t) if t.mode != crate::pool::tls::TlsMode::Disable => {
                         pg.ssl_mode(match t.mode {
-                            crate::pool::tls::TlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                            crate::pool::tls::TlsMode::Prefer => {
+                                tokio_postgres::config::SslMode::Prefer
+                            }
                             _ => tokio_postgres::config::SslMode::Require,
                         });
-                        Some(tokio_postgres_rustls::MakeRustlsConnect::new(t.client_config()?))
+                        Some(tokio_postgres_rustls::MakeRustlsConnect::new(
+                            t.client_config()?,
+                        ))
                     }
                     _ => {
                         pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -106,11 +114,17 @@ impl Manager {
                 Connector::Postgres { config: pg, tls }
             }
             Target::SqliteFile { path } => Connector::Sqlite(SqliteTarget::File(path.clone())),
-            Target::SqliteMemory => Connector::Sqlite(sqlite_memory.unwrap_or_else(SqliteTarget::memory)),
-            Target::Redis { url } => Connector::Redis(
-                ::redis::Client::open(url.as_str())
-                    .map_err(|e| Error::invalid_argument(format!("url is not a valid Redis URL ({:?})", e.kind())))?,
-            ),
+            Target::SqliteMemory => {
+                Connector::Sqlite(sqlite_memory.unwrap_or_else(SqliteTarget::memory))
+            }
+            Target::Redis { url } => {
+                Connector::Redis(::redis::Client::open(url.as_str()).map_err(|e| {
+                    Error::invalid_argument(format!(
+                        "url is not a valid Redis URL ({:?})",
+                        e.kind()
+                    ))
+                })?)
+            }
         };
         Ok(Manager {
             config,
@@ -126,9 +140,13 @@ impl Manager {
                     .await
                     .map(Backend::Postgres)
             }
-            Connector::Sqlite(target) => sqlite::connect(target, self.config.acquire_timeout, self.config.statement_cache)
-                .await
-                .map(Backend::Sqlite),
+            Connector::Sqlite(target) => sqlite::connect(
+                target,
+                self.config.acquire_timeout,
+                self.config.statement_cache,
+            )
+            .await
+            .map(Backend::Sqlite),
             Connector::Redis(client) => redis::connect(client, timeout).await.map(Backend::Redis),
         }
     }
@@ -164,16 +182,24 @@ impl managed::Manager for Manager {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let remaining = ctx
-                .as_ref()
-                .map_or(self.config.connect_timeout, |c| c.deadline.saturating_duration_since(Instant::now()));
-            let timeout = self.config.connect_timeout.min(remaining).max(Duration::from_millis(1));
+            let remaining = ctx.as_ref().map_or(self.config.connect_timeout, |c| {
+                c.deadline.saturating_duration_since(Instant::now())
+            });
+            let timeout = self
+                .config
+                .connect_timeout
+                .min(remaining)
+                .max(Duration::from_millis(1));
             match self.connect_once(timeout).await {
                 Ok(backend) => {
                     if let Some(c) = &ctx {
                         c.set_phase(Phase::Wait);
                     }
-                    return Ok(Connection::new(backend, self.lifetime(), Arc::clone(&self.recorder)));
+                    return Ok(Connection::new(
+                        backend,
+                        self.lifetime(),
+                        Arc::clone(&self.recorder),
+                    ));
                 }
                 Err(err) => {
                     self.recorder.errors_connect.inc();
@@ -198,7 +224,9 @@ impl managed::Manager for Manager {
     async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<Error> {
         let ctx = current();
         if conn.is_unusable() {
-            return Err(RecycleError::message("connection is closed or carries session state"));
+            return Err(RecycleError::message(
+                "connection is closed or carries session state",
+            ));
         }
         if conn.is_expired() {
             self.recorder.recycled.inc();
@@ -211,10 +239,11 @@ impl managed::Manager for Manager {
         if let Some(c) = &ctx {
             c.set_phase(Phase::Validate);
         }
-        let remaining = ctx
-            .as_ref()
-            .map_or(self.config.connect_timeout, |c| c.deadline.saturating_duration_since(Instant::now()));
-        let outcome = tokio::time::timeout(remaining.min(self.config.connect_timeout), conn.ping()).await;
+        let remaining = ctx.as_ref().map_or(self.config.connect_timeout, |c| {
+            c.deadline.saturating_duration_since(Instant::now())
+        });
+        let outcome =
+            tokio::time::timeout(remaining.min(self.config.connect_timeout), conn.ping()).await;
         if let Some(c) = &ctx {
             c.set_phase(Phase::Wait);
         }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod dispatch;
 pub mod health;
 pub mod lease;
 pub mod manager;
@@ -16,14 +17,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{Object, PoolError, Timeouts, TimeoutType};
+use deadpool::managed::{Object, PoolError, TimeoutType, Timeouts};
 use deadpool::Runtime;
 use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 
 pub use config::{PoolConfig, PoolOptions, Target};
-pub use connection::{Connection, Operation, Outcome};
+pub use connection::{Connection, Operation, Outcome, Statement};
+pub use dispatch::Done;
 pub use health::{PoolHealth, PoolMetrics, PoolStatus, Recommendation};
 pub use lease::Lease;
 pub use value::{ExecuteResult, QueryResult, Value};
@@ -45,6 +47,8 @@ pub(crate) struct PoolShared {
     waiters: AtomicUsize,
     peak_in_use: AtomicUsize,
     pub(crate) runtime: Handle,
+    /// Statements queued by `submit`, served in batches by dispatcher tasks.
+    queue: Mutex<dispatch::Queue>,
     /// Keeps a `sqlite::memory:` database alive while the pool lives.
     _memory_anchor: Mutex<Option<rusqlite::Connection>>,
 }
@@ -91,6 +95,7 @@ impl Pool {
             waiters: AtomicUsize::new(0),
             peak_in_use: AtomicUsize::new(0),
             runtime: runtime.clone(),
+            queue: Mutex::new(dispatch::Queue::default()),
             _memory_anchor: Mutex::new(anchor),
         });
         let weak = Arc::downgrade(&shared);
@@ -115,8 +120,11 @@ impl Pool {
         self.shared.is_closed()
     }
 
-    fn closed_error(&self) -> Error {
-        Error::new(ErrorCode::PoolClosed, format!("pool '{}' is closed", self.name()))
+    pub(crate) fn closed_error(&self) -> Error {
+        Error::new(
+            ErrorCode::PoolClosed,
+            format!("pool '{}' is closed", self.name()),
+        )
     }
 
     /// Checks out a connection within `acquireTimeoutMs` (wait + connect + validate).
@@ -129,27 +137,35 @@ impl Pool {
         s.recorder.gets.inc();
         let started = Instant::now();
         let status = s.pool.status();
-        if status.available == 0 && s.waiters.load(Ordering::Relaxed) >= s.config.max_waiting {
+        if status.available == 0
+            && s.waiters.load(Ordering::Relaxed) + s.queue.lock().len() >= s.config.max_waiting
+        {
             s.recorder.rejected.inc();
-            return Err(Error::new(
-                ErrorCode::PoolExhausted,
-                format!(
-                    "pool '{}' has {} callers waiting already (maxWaiting); shed load or raise maxWaiting/maxSize",
-                    self.name(),
-                    s.config.max_waiting
-                ),
-            ));
+            return Err(self.exhausted_error());
         }
-        let deadline = started + s.config.acquire_timeout;
+        self.checkout(started, started + s.config.acquire_timeout, stack)
+            .await
+    }
+
+    /// Checks out a connection for a caller that started waiting at `started`, by `deadline`.
+    /// Counts one successful get (or one timeout); the caller counts the attempt.
+    async fn checkout(
+        &self,
+        started: Instant,
+        deadline: Instant,
+        stack: Option<String>,
+    ) -> Result<Lease> {
+        let s = &self.shared;
         let ctx = AcquireContext::new(deadline, false);
         s.waiters.fetch_add(1, Ordering::Relaxed);
-        let budget = Some(s.config.acquire_timeout);
+        let budget = Some(deadline.saturating_duration_since(Instant::now()));
         let timeouts = Timeouts {
             wait: budget,
             create: budget,
             recycle: budget,
         };
-        let get = ACQUIRE.scope(Arc::clone(&ctx), s.pool.timeout_get(&timeouts));
+        // Boxed: the connect path makes this future several KB, and callers move theirs around.
+        let get = Box::pin(ACQUIRE.scope(Arc::clone(&ctx), s.pool.timeout_get(&timeouts)));
         let outcome = tokio::time::timeout_at(deadline.into(), get).await;
         s.waiters.fetch_sub(1, Ordering::Relaxed);
         let result = match outcome {
@@ -202,8 +218,10 @@ impl Pool {
         s.recorder.acquire_latency.record(started.elapsed());
         let reused = Object::metrics(&object).recycle_count > 0;
         let status = s.pool.status();
-        s.peak_in_use
-            .fetch_max(status.size.saturating_sub(status.available), Ordering::Relaxed);
+        s.peak_in_use.fetch_max(
+            status.size.saturating_sub(status.available),
+            Ordering::Relaxed,
+        );
         let tracking = (!s.config.leak_detection.is_zero()).then(|| {
             s.registry.live.track(LiveResource {
                 kind: "lease",
@@ -216,7 +234,7 @@ impl Pool {
         Lease::new(object, Arc::clone(s), reused, tracking)
     }
 
-    fn timeout_error(&self, phase: Phase) -> Error {
+    pub(crate) fn timeout_error(&self, phase: Phase) -> Error {
         let s = &self.shared;
         match phase {
             Phase::Wait => s.recorder.timeouts_wait.inc(),
@@ -246,21 +264,22 @@ impl Pool {
     /// Checks out a connection, runs one operation and returns the connection. A connection
     /// found lost on its first statement is replaced and the operation tried once more.
     pub async fn run(&self, op: &Operation<'_>) -> Result<Outcome> {
-        let mut lease = self.acquire(None).await?;
-        let result = lease.connection()?.run(op).await;
+        let lease = self.acquire(None).await?;
+        let result = Box::pin(lease.connection()?.run(op)).await;
         if let Err(e) = &result {
-            let lost = e.sqlstate.as_deref().is_some_and(|s| s.starts_with("08") || s == "57P01");
-            if lost && lease.reused {
+            if connection::is_connection_lost(e) && lease.reused {
                 drop(lease);
-                let mut fresh = self.acquire(None).await?;
-                return fresh.connection()?.run(op).await;
+                let fresh = Box::pin(self.acquire(None)).await?;
+                return Box::pin(fresh.connection()?.run(op)).await;
             }
         }
         result
     }
 
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
-        self.run(&Operation::Query(sql, params)).await.map(Outcome::into_rows)
+        self.run(&Operation::Query(sql, params))
+            .await
+            .map(Outcome::into_rows)
     }
 
     pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
@@ -280,11 +299,16 @@ impl Pool {
     fn gauges(&self) -> PoolGauges {
         let st = self.shared.pool.status();
         PoolGauges {
-            max_size: if self.is_closed() { 0 } else { st.max_size as u64 },
+            max_size: if self.is_closed() {
+                0
+            } else {
+                st.max_size as u64
+            },
             size: st.size as u64,
             idle: st.available as u64,
             in_use: st.size.saturating_sub(st.available) as u64,
-            waiting: self.shared.waiters.load(Ordering::Relaxed) as u64,
+            waiting: (self.shared.waiters.load(Ordering::Relaxed) + self.shared.queue.lock().len())
+                as u64,
         }
     }
 
@@ -341,10 +365,16 @@ impl Pool {
         Ok(())
     }
 
+    /// From now on every call fails with `POOL_CLOSED`; work already queued is still served.
+    /// `close` does this first; call it directly to refuse work before the drain is awaited.
+    pub fn refuse_new_work(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+    }
+
     /// Stops new work, lets queued and running work finish within `timeout`, then closes
     /// every connection. Leases still out are closed when they come back.
     pub async fn close(&self, timeout: Duration) -> Result<()> {
-        self.shared.closed.store(true, Ordering::Release);
+        self.refuse_new_work();
         let deadline = Instant::now() + timeout;
         loop {
             let g = self.gauges();
@@ -446,6 +476,7 @@ async fn fill_min_idle(shared: &PoolShared) {
     };
     // Checkouts take idle connections first, so ask for enough to open the missing ones.
     let missing = (want - status.size + status.available).min(status.max_size);
-    let opened = futures::future::join_all((0..missing).map(|_| shared.pool.timeout_get(&timeouts))).await;
+    let opened =
+        futures::future::join_all((0..missing).map(|_| shared.pool.timeout_get(&timeouts))).await;
     drop(opened);
 }

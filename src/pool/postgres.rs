@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use fallible_iterator::FallibleIterator;
@@ -22,7 +22,7 @@ const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 pub struct PgConnection {
     client: Client,
-    statements: HashMap<Arc<str>, Statement>,
+    statements: parking_lot::Mutex<HashMap<Arc<str>, Statement>>,
     statement_cache: bool,
 }
 
@@ -57,14 +57,17 @@ pub async fn connect(
         Err(_) => {
             return Err(Error::new(
                 ErrorCode::ConnectFailed,
-                format!("PostgreSQL did not complete startup within connectTimeoutMs ({} ms)", timeout.as_millis()),
+                format!(
+                    "PostgreSQL did not complete startup within connectTimeoutMs ({} ms)",
+                    timeout.as_millis()
+                ),
             )
             .with_phase(Phase::Connect))
         }
     };
     Ok(PgConnection {
         client,
-        statements: HashMap::new(),
+        statements: parking_lot::Mutex::new(HashMap::new()),
         statement_cache,
     })
 }
@@ -81,8 +84,11 @@ pub fn is_permanent(err: &Error) -> bool {
 
 fn connect_error(e: &tokio_postgres::Error) -> Error {
     let detail = describe(e);
-    let mut err = Error::new(ErrorCode::ConnectFailed, format!("could not connect to PostgreSQL: {detail}"))
-        .with_phase(Phase::Connect);
+    let mut err = Error::new(
+        ErrorCode::ConnectFailed,
+        format!("could not connect to PostgreSQL: {detail}"),
+    )
+    .with_phase(Phase::Connect);
     if let Some(db) = e.as_db_error() {
         err = err.with_sqlstate(db.code().code());
     }
@@ -123,7 +129,8 @@ fn query_error(e: tokio_postgres::Error) -> Error {
         return Error::invalid_argument(text);
     }
     if e.is_closed() {
-        return Error::new(ErrorCode::QueryFailed, format!("connection lost: {text}")).with_sqlstate("08006");
+        return Error::new(ErrorCode::QueryFailed, format!("connection lost: {text}"))
+            .with_sqlstate("08006");
     }
     Error::new(ErrorCode::QueryFailed, text)
 }
@@ -134,29 +141,36 @@ impl PgConnection {
     }
 
     pub async fn ping(&self) -> Result<()> {
-        self.client.simple_query("").await.map(|_| ()).map_err(query_error)
+        self.client
+            .simple_query("")
+            .await
+            .map(|_| ())
+            .map_err(query_error)
     }
 
     pub async fn rollback(&self) -> Result<()> {
-        self.client.batch_execute("ROLLBACK").await.map_err(query_error)
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(query_error)
     }
 
-    async fn statement(&mut self, sql: &str) -> Result<Statement> {
-        if let Some(stmt) = self.statements.get(sql) {
+    async fn statement(&self, sql: &str) -> Result<Statement> {
+        if let Some(stmt) = self.statements.lock().get(sql) {
             return Ok(stmt.clone());
         }
         let stmt = self.client.prepare(sql).await.map_err(query_error)?;
-        if self.statement_cache {
-            if self.statements.len() >= STATEMENT_CACHE_SIZE {
-                self.statements.clear();
-            }
-            self.statements.insert(Arc::from(sql), stmt.clone());
+        let mut cache = self.statements.lock();
+        if cache.len() >= STATEMENT_CACHE_SIZE {
+            cache.clear();
         }
+        cache.insert(Arc::from(sql), stmt.clone());
         Ok(stmt)
     }
 
-    async fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+    async fn rows(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         if self.statement_cache {
             let stmt = self.statement(sql).await?;
             check_arity(stmt.params().len(), params.len())?;
@@ -167,11 +181,14 @@ impl PgConnection {
                 .iter()
                 .map(|p| (p as &(dyn ToSql + Sync), inferred_type(p)))
                 .collect();
-            self.client.query_typed(sql, &typed).await.map_err(query_error)
+            self.client
+                .query_typed(sql, &typed)
+                .await
+                .map_err(query_error)
         }
     }
 
-    pub async fn query(&mut self, sql: &str, params: &[Value]) -> Result<QueryResult> {
+    pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
         let rows = self.rows(sql, params).await?;
         let columns: Arc<[String]> = match rows.first() {
             Some(r) => r.columns().iter().map(|c| c.name().to_string()).collect(),
@@ -181,9 +198,12 @@ impl PgConnection {
         for row in &rows {
             let mut cells = Vec::with_capacity(row.len());
             for i in 0..row.len() {
-                let cell: Cell = row
-                    .try_get(i)
-                    .map_err(|e| Error::new(ErrorCode::QueryFailed, format!("column {i}: {}", describe(&e))))?;
+                let cell: Cell = row.try_get(i).map_err(|e| {
+                    Error::new(
+                        ErrorCode::QueryFailed,
+                        format!("column {i}: {}", describe(&e)),
+                    )
+                })?;
                 cells.push(cell.0);
             }
             out.push(cells);
@@ -195,19 +215,27 @@ impl PgConnection {
         })
     }
 
-    async fn column_names(&mut self, sql: &str) -> Arc<[String]> {
-        match self.statements.get(sql) {
-            Some(stmt) => stmt.columns().iter().map(|c| c.name().to_string()).collect(),
+    async fn column_names(&self, sql: &str) -> Arc<[String]> {
+        match self.statements.lock().get(sql) {
+            Some(stmt) => stmt
+                .columns()
+                .iter()
+                .map(|c| c.name().to_string())
+                .collect(),
             None => Arc::from(Vec::new()),
         }
     }
 
-    pub async fn execute(&mut self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+    pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let row_count = if self.statement_cache {
             let stmt = self.statement(sql).await?;
             check_arity(stmt.params().len(), params.len())?;
-            self.client.execute(&stmt, &refs).await.map_err(query_error)?
+            self.client
+                .execute(&stmt, &refs)
+                .await
+                .map_err(query_error)?
         } else {
             self.rows(sql, params).await?.len() as u64
         };
@@ -238,7 +266,11 @@ fn inferred_type(v: &Value) -> Type {
         Value::Bytes(_) => Type::BYTEA,
         Value::Json(_) => Type::JSONB,
         Value::Timestamp(_) => Type::TIMESTAMPTZ,
-        Value::Array(items) => match items.iter().find(|i| !matches!(i, Value::Null)).map(inferred_type) {
+        Value::Array(items) => match items
+            .iter()
+            .find(|i| !matches!(i, Value::Null))
+            .map(inferred_type)
+        {
             Some(Type::BOOL) => Type::BOOL_ARRAY,
             Some(Type::INT8) => Type::INT8_ARRAY,
             Some(Type::FLOAT8) => Type::FLOAT8_ARRAY,
@@ -323,7 +355,9 @@ fn encode(v: &Value, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNul
                 out.put_u8(1);
             }
             match v {
-                Value::Text(s) if serde_json::from_str::<serde_json::Value>(s).is_ok() => out.put_slice(s.as_bytes()),
+                Value::Text(s) if serde_json::from_str::<serde_json::Value>(s).is_ok() => {
+                    out.put_slice(s.as_bytes())
+                }
                 other => out.put_slice(other.to_json().to_string().as_bytes()),
             }
         }
@@ -342,8 +376,10 @@ fn encode(v: &Value, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNul
                 Value::Text(s) => {
                     let d = chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
                         .map_err(|_| format!("{s:?} is not a date (YYYY-MM-DD)"))?;
-                    d.signed_duration_since(chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch"))
-                        .num_days()
+                    d.signed_duration_since(
+                        chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch"),
+                    )
+                    .num_days()
                 }
                 _ => return Err(mismatch(v, ty)),
             };
@@ -351,7 +387,8 @@ fn encode(v: &Value, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNul
         }
         Type::UUID => match v {
             Value::Text(s) => {
-                let id = uuid::Uuid::parse_str(s.trim()).map_err(|_| format!("{s:?} is not a UUID"))?;
+                let id =
+                    uuid::Uuid::parse_str(s.trim()).map_err(|_| format!("{s:?} is not a UUID"))?;
                 out.put_slice(id.as_bytes());
             }
             Value::Bytes(b) if b.len() == 16 => out.put_slice(b),
@@ -407,7 +444,11 @@ fn parse_timestamp(s: &str) -> std::result::Result<i64, BoxError> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.timestamp_micros());
     }
-    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S"] {
+    for fmt in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S",
+    ] {
         if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
             return Ok(t.and_utc().timestamp_micros());
         }
@@ -439,7 +480,10 @@ fn numeric_to_sql(text: &str, out: &mut BytesMut) -> std::result::Result<(), Box
         _ => (false, text),
     };
     let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
-        Some(i) => (&unsigned[..i], unsigned[i + 1..].parse::<i32>().map_err(|_| bad())?),
+        Some(i) => (
+            &unsigned[..i],
+            unsigned[i + 1..].parse::<i32>().map_err(|_| bad())?,
+        ),
         None => (unsigned, 0),
     };
     let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
@@ -450,7 +494,11 @@ fn numeric_to_sql(text: &str, out: &mut BytesMut) -> std::result::Result<(), Box
         return Err(bad());
     }
     // All digits with the decimal point at `point` (may be negative or past the end).
-    let digits: Vec<u8> = int_part.bytes().chain(frac_part.bytes()).map(|b| b - b'0').collect();
+    let digits: Vec<u8> = int_part
+        .bytes()
+        .chain(frac_part.bytes())
+        .map(|b| b - b'0')
+        .collect();
     let point = int_part.len() as i64 + exponent as i64;
     if !(-131_072..=131_072).contains(&point) {
         return Err(bad());
@@ -481,7 +529,11 @@ fn numeric_to_sql(text: &str, out: &mut BytesMut) -> std::result::Result<(), Box
     }
     out.put_i16(i16::try_from(groups.len()).map_err(|_| bad())?);
     out.put_i16(i16::try_from(weight).map_err(|_| bad())?);
-    out.put_u16(if negative && !groups.is_empty() { 0x4000 } else { 0 });
+    out.put_u16(if negative && !groups.is_empty() {
+        0x4000
+    } else {
+        0
+    });
     out.put_u16(dscale);
     for g in groups {
         out.put_i16(g);
@@ -532,7 +584,9 @@ fn decode(ty: &Type, raw: &[u8]) -> std::result::Result<Value, BoxError> {
             let days = i32::from_sql(ty, raw)? as i64;
             let date = chrono::NaiveDate::from_ymd_opt(2000, 1, 1)
                 .and_then(|d| d.checked_add_signed(chrono::Duration::days(days)));
-            Value::Text(date.map_or_else(|| "infinity".into(), |d| d.format("%Y-%m-%d").to_string()))
+            Value::Text(
+                date.map_or_else(|| "infinity".into(), |d| d.format("%Y-%m-%d").to_string()),
+            )
         }
         Type::UUID => Value::Text(uuid::Uuid::from_slice(raw)?.to_string()),
         _ => match ty.kind() {
@@ -583,7 +637,9 @@ fn numeric_from_sql(raw: &[u8]) -> std::result::Result<String, BoxError> {
         0xF000 => return Ok("-Infinity".into()),
         _ => {}
     }
-    let groups: Vec<u16> = (0..ndigits).map(|i| word(8 + i * 2)).collect::<std::result::Result<_, _>>()?;
+    let groups: Vec<u16> = (0..ndigits)
+        .map(|i| word(8 + i * 2))
+        .collect::<std::result::Result<_, _>>()?;
     let group = |pos: i64| -> u16 {
         // `pos` is the base-10000 exponent; group index = weight - pos.
         let idx = weight - pos;
@@ -620,11 +676,6 @@ fn numeric_from_sql(raw: &[u8]) -> std::result::Result<String, BoxError> {
         text.push_str(&frac);
     }
     Ok(text)
-}
-
-/// Elapsed since `since`, for latency records.
-pub fn elapsed(since: Instant) -> Duration {
-    since.elapsed()
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Redis connections on redis-rs (tokio). A pooled connection is used by one caller at a time.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -11,9 +12,9 @@ use crate::pool::value::Value;
 pub struct RedisConnection {
     conn: MultiplexedConnection,
     /// Inside MULTI or WATCH: must be DISCARDed / UNWATCHed before reuse.
-    pub in_transaction: bool,
+    pub in_transaction: AtomicBool,
     /// Session state a next user must not inherit (SELECT, SUBSCRIBE, CLIENT …): close on return.
-    pub tainted: bool,
+    pub tainted: AtomicBool,
 }
 
 pub async fn connect(client: &Client, timeout: Duration) -> Result<RedisConnection> {
@@ -22,20 +23,27 @@ pub async fn connect(client: &Client, timeout: Duration) -> Result<RedisConnecti
     let conn = match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
-            return Err(Error::new(ErrorCode::ConnectFailed, format!("could not connect to Redis: {e}")).with_phase(Phase::Connect))
+            return Err(Error::new(
+                ErrorCode::ConnectFailed,
+                format!("could not connect to Redis: {e}"),
+            )
+            .with_phase(Phase::Connect))
         }
         Err(_) => {
             return Err(Error::new(
                 ErrorCode::ConnectFailed,
-                format!("Redis did not answer within connectTimeoutMs ({} ms)", timeout.as_millis()),
+                format!(
+                    "Redis did not answer within connectTimeoutMs ({} ms)",
+                    timeout.as_millis()
+                ),
             )
             .with_phase(Phase::Connect))
         }
     };
     Ok(RedisConnection {
         conn,
-        in_transaction: false,
-        tainted: false,
+        in_transaction: AtomicBool::new(false),
+        tainted: AtomicBool::new(false),
     })
 }
 
@@ -72,8 +80,15 @@ fn arg(cmd: &mut redis::Cmd, value: &Value, position: usize) -> Result<()> {
 
 /// Builds one command from its name and arguments.
 pub fn build_command(name: &str, args: &[Value]) -> Result<redis::Cmd> {
-    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'|') {
-        return Err(Error::invalid_argument(format!("{name:?} is not a Redis command name")));
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'|')
+    {
+        return Err(Error::invalid_argument(format!(
+            "{name:?} is not a Redis command name"
+        )));
     }
     let mut cmd = redis::cmd(name);
     for (i, a) in args.iter().enumerate() {
@@ -108,34 +123,45 @@ fn reply(v: RedisValue) -> Result<Value> {
         RedisValue::Boolean(b) => Value::Bool(b),
         RedisValue::VerbatimString { text, .. } => Value::Text(text),
         RedisValue::BigNumber(n) => Value::Numeric(format!("{n:?}")),
-        RedisValue::Push { data, .. } => Value::Array(data.into_iter().map(reply).collect::<Result<_>>()?),
+        RedisValue::Push { data, .. } => {
+            Value::Array(data.into_iter().map(reply).collect::<Result<_>>()?)
+        }
         RedisValue::ServerError(e) => {
             let code = e.code().to_string();
-            return Err(Error::new(ErrorCode::QueryFailed, format!("{code}: {}", e.details().unwrap_or(""))).with_sqlstate(code));
+            return Err(Error::new(
+                ErrorCode::QueryFailed,
+                format!("{code}: {}", e.details().unwrap_or("")),
+            )
+            .with_sqlstate(code));
         }
         other => Value::Text(format!("{other:?}")),
     })
 }
 
 impl RedisConnection {
-    fn track(&mut self, name: &str) {
+    fn track(&self, name: &str) {
         match name.to_ascii_uppercase().as_str() {
-            "MULTI" | "WATCH" => self.in_transaction = true,
-            "EXEC" | "DISCARD" | "UNWATCH" => self.in_transaction = false,
-            "SELECT" | "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" | "MONITOR" | "CLIENT" | "HELLO" | "AUTH" | "RESET"
-            | "READONLY" | "READWRITE" | "SWAPDB" => self.tainted = true,
+            "MULTI" | "WATCH" => self.in_transaction.store(true, Ordering::Relaxed),
+            "EXEC" | "DISCARD" | "UNWATCH" => self.in_transaction.store(false, Ordering::Relaxed),
+            "SELECT" | "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE" | "MONITOR" | "CLIENT"
+            | "HELLO" | "AUTH" | "RESET" | "READONLY" | "READWRITE" | "SWAPDB" => {
+                self.tainted.store(true, Ordering::Relaxed)
+            }
             _ => {}
         }
     }
 
-    pub async fn command(&mut self, name: &str, args: &[Value]) -> Result<Value> {
+    pub async fn command(&self, name: &str, args: &[Value]) -> Result<Value> {
         let cmd = build_command(name, args)?;
         self.track(name);
-        let out: RedisValue = cmd.query_async(&mut self.conn).await.map_err(command_error)?;
+        let out: RedisValue = cmd
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(command_error)?;
         reply(out)
     }
 
-    pub async fn pipeline(&mut self, commands: &[(String, Vec<Value>)]) -> Result<Vec<Value>> {
+    pub async fn pipeline(&self, commands: &[(String, Vec<Value>)]) -> Result<Vec<Value>> {
         let mut pipe = redis::pipe();
         for (name, args) in commands {
             pipe.add_command(build_command(name, args)?);
@@ -143,21 +169,32 @@ impl RedisConnection {
         for (name, _) in commands {
             self.track(name);
         }
-        let out: Vec<RedisValue> = pipe.query_async(&mut self.conn).await.map_err(command_error)?;
+        let out: Vec<RedisValue> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(command_error)?;
         out.into_iter().map(reply).collect()
     }
 
-    pub async fn ping(&mut self) -> Result<()> {
-        let _: RedisValue = redis::cmd("PING").query_async(&mut self.conn).await.map_err(command_error)?;
+    pub async fn ping(&self) -> Result<()> {
+        let _: RedisValue = redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(command_error)?;
         Ok(())
     }
 
     /// Leaves MULTI/WATCH so the next user starts clean.
-    pub async fn reset(&mut self) -> Result<()> {
+    pub async fn reset(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
         // DISCARD fails harmlessly when no MULTI is open; UNWATCH always succeeds on a live connection.
-        let _: std::result::Result<RedisValue, _> = redis::cmd("DISCARD").query_async(&mut self.conn).await;
-        let _: RedisValue = redis::cmd("UNWATCH").query_async(&mut self.conn).await.map_err(command_error)?;
-        self.in_transaction = false;
+        let _: std::result::Result<RedisValue, _> =
+            redis::cmd("DISCARD").query_async(&mut conn).await;
+        let _: RedisValue = redis::cmd("UNWATCH")
+            .query_async(&mut conn)
+            .await
+            .map_err(command_error)?;
+        self.in_transaction.store(false, Ordering::Relaxed);
         Ok(())
     }
 }

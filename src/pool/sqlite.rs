@@ -31,7 +31,11 @@ impl SqliteTarget {
     }
 }
 
-pub async fn connect(target: &SqliteTarget, busy_timeout: Duration, statement_cache: bool) -> Result<SqliteConnection> {
+pub async fn connect(
+    target: &SqliteTarget,
+    busy_timeout: Duration,
+    statement_cache: bool,
+) -> Result<SqliteConnection> {
     let target = target.clone();
     let conn = tokio::task::spawn_blocking(move || open(&target, busy_timeout, statement_cache))
         .await
@@ -41,15 +45,25 @@ pub async fn connect(target: &SqliteTarget, busy_timeout: Duration, statement_ca
     })
 }
 
-pub fn open(target: &SqliteTarget, busy_timeout: Duration, statement_cache: bool) -> Result<Connection> {
+pub fn open(
+    target: &SqliteTarget,
+    busy_timeout: Duration,
+    statement_cache: bool,
+) -> Result<Connection> {
     let connect_err = |e: rusqlite::Error| {
-        Error::new(ErrorCode::ConnectFailed, format!("could not open SQLite database: {e}")).with_phase(Phase::Connect)
+        Error::new(
+            ErrorCode::ConnectFailed,
+            format!("could not open SQLite database: {e}"),
+        )
+        .with_phase(Phase::Connect)
     };
     let conn = match target {
         SqliteTarget::File(path) => Connection::open(path).map_err(connect_err)?,
         SqliteTarget::Memory(name) => Connection::open_with_flags(
             format!("file:{name}?vfs=memdb"),
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_URI,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_URI,
         )
         .map_err(connect_err)?,
     };
@@ -60,9 +74,11 @@ pub fn open(target: &SqliteTarget, busy_timeout: Duration, statement_cache: bool
         let _: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(connect_err)?;
-        conn.execute_batch("PRAGMA synchronous=NORMAL").map_err(connect_err)?;
+        conn.execute_batch("PRAGMA synchronous=NORMAL")
+            .map_err(connect_err)?;
     }
-    conn.execute_batch("PRAGMA foreign_keys=ON").map_err(connect_err)?;
+    conn.execute_batch("PRAGMA foreign_keys=ON")
+        .map_err(connect_err)?;
     Ok(conn)
 }
 
@@ -70,12 +86,15 @@ fn query_error(e: rusqlite::Error) -> Error {
     match &e {
         rusqlite::Error::SqliteFailure(code, msg) => {
             let text = msg.clone().unwrap_or_else(|| code.to_string());
-            Error::new(ErrorCode::QueryFailed, text).with_sqlstate(format!("SQLITE_{}", code.extended_code))
+            Error::new(ErrorCode::QueryFailed, text)
+                .with_sqlstate(format!("SQLITE_{}", code.extended_code))
         }
         rusqlite::Error::InvalidParameterCount(got, expected) => Error::invalid_argument(format!(
             "statement expects {expected} parameter(s), got {got}"
         )),
-        rusqlite::Error::ToSqlConversionFailure(inner) => Error::invalid_argument(inner.to_string()),
+        rusqlite::Error::ToSqlConversionFailure(inner) => {
+            Error::invalid_argument(inner.to_string())
+        }
         _ => Error::new(ErrorCode::QueryFailed, e.to_string()),
     }
 }
@@ -89,10 +108,14 @@ impl rusqlite::ToSql for Param<'_> {
             Value::Bool(b) => ToSqlOutput::Owned(SqlValue::Integer(*b as i64)),
             Value::Int(i) | Value::BigInt(i) => ToSqlOutput::Owned(SqlValue::Integer(*i)),
             Value::Float(f) => ToSqlOutput::Owned(SqlValue::Real(*f)),
-            Value::Numeric(s) | Value::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Value::Numeric(s) | Value::Text(s) => {
+                ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes()))
+            }
             Value::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
             Value::Timestamp(ms) => ToSqlOutput::Owned(SqlValue::Text(timestamp_to_iso(*ms))),
-            Value::Json(_) | Value::Array(_) => ToSqlOutput::Owned(SqlValue::Text(self.0.to_json().to_string())),
+            Value::Json(_) | Value::Array(_) => {
+                ToSqlOutput::Owned(SqlValue::Text(self.0.to_json().to_string()))
+            }
         })
     }
 }
@@ -110,7 +133,7 @@ fn cell(v: ValueRef<'_>) -> Value {
 
 fn run_query(conn: &Connection, sql: &str, params: &[Value]) -> Result<QueryResult> {
     let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
-    let columns: Arc<[String]> = stmt.column_names().into_iter().map(|c| c.to_string()).collect();
+    let columns: Arc<[String]> = stmt.column_names().map(|c| c.to_string()).collect();
     let width = columns.len();
     let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
     let mut rows = stmt
@@ -124,7 +147,11 @@ fn run_query(conn: &Connection, sql: &str, params: &[Value]) -> Result<QueryResu
         }
         out.push(cells);
     }
-    let row_count = if width == 0 { conn.changes() } else { out.len() as u64 };
+    let row_count = if width == 0 {
+        conn.changes()
+    } else {
+        out.len() as u64
+    };
     Ok(QueryResult {
         columns,
         rows: out,
@@ -136,10 +163,13 @@ fn run_execute(conn: &Connection, sql: &str, params: &[Value]) -> Result<Execute
     let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
     let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
     let changed = if stmt.column_count() == 0 {
-        stmt.execute(rusqlite::params_from_iter(bound.iter())).map_err(query_error)? as u64
+        stmt.execute(rusqlite::params_from_iter(bound.iter()))
+            .map_err(query_error)? as u64
     } else {
         // `execute` refuses statements that return rows; step through them instead.
-        let mut rows = stmt.query(rusqlite::params_from_iter(bound.iter())).map_err(query_error)?;
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(bound.iter()))
+            .map_err(query_error)?;
         while rows.next().map_err(query_error)?.is_some() {}
         conn.changes()
     };
@@ -150,7 +180,10 @@ fn run_execute(conn: &Connection, sql: &str, params: &[Value]) -> Result<Execute
 }
 
 impl SqliteConnection {
-    async fn blocking<T: Send + 'static>(&self, work: impl FnOnce(&Connection) -> Result<T> + Send + 'static) -> Result<T> {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || work(&conn.lock()))
             .await
@@ -173,7 +206,8 @@ impl SqliteConnection {
     }
 
     pub async fn ping(&self) -> Result<()> {
-        self.blocking(|c| c.execute_batch("SELECT 1").map_err(query_error)).await
+        self.blocking(|c| c.execute_batch("SELECT 1").map_err(query_error))
+            .await
     }
 
     pub async fn rollback(&self) -> Result<()> {
@@ -194,19 +228,29 @@ mod tests {
     #[tokio::test]
     async fn memory_database_is_shared_by_the_pools_connections() {
         let target = SqliteTarget::memory();
-        let a = connect(&target, Duration::from_secs(1), true).await.unwrap();
-        let b = connect(&target, Duration::from_secs(1), true).await.unwrap();
+        let a = connect(&target, Duration::from_secs(1), true)
+            .await
+            .unwrap();
+        let b = connect(&target, Duration::from_secs(1), true)
+            .await
+            .unwrap();
         a.execute("create table t(x integer)", &[]).await.unwrap();
-        a.execute("insert into t values (?1)", &[Value::Int(7)]).await.unwrap();
+        a.execute("insert into t values (?1)", &[Value::Int(7)])
+            .await
+            .unwrap();
         let r = b.query("select x from t", &[]).await.unwrap();
         assert_eq!(r.rows, vec![&[Value::Int(7)]]);
-        let other = connect(&SqliteTarget::memory(), Duration::from_secs(1), true).await.unwrap();
+        let other = connect(&SqliteTarget::memory(), Duration::from_secs(1), true)
+            .await
+            .unwrap();
         assert!(other.query("select x from t", &[]).await.is_err());
     }
 
     #[tokio::test]
     async fn transaction_state_and_errors_are_reported() {
-        let c = connect(&SqliteTarget::memory(), Duration::from_secs(1), true).await.unwrap();
+        let c = connect(&SqliteTarget::memory(), Duration::from_secs(1), true)
+            .await
+            .unwrap();
         c.execute("begin", &[]).await.unwrap();
         assert!(c.in_transaction());
         c.rollback().await.unwrap();

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 
 use crate::error::{Error, Result};
 
@@ -57,9 +59,12 @@ impl TlsOptions {
         let config = match self.mode {
             TlsMode::VerifyFull => builder.with_root_certificates(roots).with_no_client_auth(),
             TlsMode::VerifyCa | TlsMode::Prefer | TlsMode::Require | TlsMode::Disable => {
-                let webpki = WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(&provider))
-                    .build()
-                    .map_err(|e| Error::invalid_argument(format!("tls.ca cannot be used: {e}")))?;
+                let webpki =
+                    WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(&provider))
+                        .build()
+                        .map_err(|e| {
+                            Error::invalid_argument(format!("tls.ca cannot be used: {e}"))
+                        })?;
                 let verifier = Relaxed {
                     inner: webpki,
                     check_chain: self.mode == TlsMode::VerifyCa,
@@ -80,10 +85,14 @@ impl TlsOptions {
                 let mut reader = std::io::BufReader::new(pem.as_bytes());
                 let mut added = 0;
                 for cert in rustls_pemfile::certs(&mut reader) {
-                    let cert = cert.map_err(|e| Error::invalid_argument(format!("tls.ca is not valid PEM: {e}")))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| Error::invalid_argument(format!("tls.ca holds an unusable certificate: {e}")))?;
+                    let cert = cert.map_err(|e| {
+                        Error::invalid_argument(format!("tls.ca is not valid PEM: {e}"))
+                    })?;
+                    roots.add(cert).map_err(|e| {
+                        Error::invalid_argument(format!(
+                            "tls.ca holds an unusable certificate: {e}"
+                        ))
+                    })?;
                     added += 1;
                 }
                 if added == 0 {
@@ -116,14 +125,17 @@ impl ServerCertVerifier for Relaxed {
         if !self.check_chain {
             return Ok(ServerCertVerified::assertion());
         }
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName))
-            | Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {
-                Ok(ServerCertVerified::assertion())
-            }
+            | Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+                ..
+            })) => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }

@@ -49,7 +49,9 @@ impl Value {
             Value::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),
             Value::Json(j) => Some(j.to_string()),
             Value::Timestamp(ms) => Some(timestamp_to_iso(*ms)),
-            Value::Array(items) => Some(serde_json::Value::Array(items.iter().map(Value::to_json).collect()).to_string()),
+            Value::Array(items) => Some(
+                serde_json::Value::Array(items.iter().map(Value::to_json).collect()).to_string(),
+            ),
         }
     }
 
@@ -111,7 +113,10 @@ mod tests {
     fn text_forms_are_what_a_person_expects() {
         assert_eq!(Value::Float(3.0).to_text().as_deref(), Some("3"));
         assert_eq!(Value::Float(0.25).to_text().as_deref(), Some("0.25"));
-        assert_eq!(Value::Timestamp(0.0).to_text().as_deref(), Some("1970-01-01T00:00:00.000Z"));
+        assert_eq!(
+            Value::Timestamp(0.0).to_text().as_deref(),
+            Some("1970-01-01T00:00:00.000Z")
+        );
         assert_eq!(Value::Null.to_text(), None);
     }
 }

@@ -1,0 +1,11 @@
+import { readFileSync } from 'node:fs'
+import path from 'node:path'
+
+// The README's first TypeScript example is examples/quickstart.ts, which `tsc --noEmit` checks.
+it('README quick start is the type-checked examples/quickstart.ts', () => {
+  const root = path.join(__dirname, '..')
+  const readme = readFileSync(path.join(root, 'README.md'), 'utf8')
+  const block = readme.match(/```ts\n([\s\S]*?)```/)
+  expect(block).not.toBeNull()
+  expect(block![1]).toBe(readFileSync(path.join(root, 'examples/quickstart.ts'), 'utf8'))
+})

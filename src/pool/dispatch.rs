@@ -1,0 +1,217 @@
+//! `query`/`execute`/`command` without a lease: statements queue here and dispatcher tasks
+//! serve them in batches. A batch shares one checked-out connection, its statements in flight
+//! together (pipelined on PostgreSQL and Redis), so one checkout and one wake-up serve many
+//! statements. Statements that open or end a transaction never share a connection.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, ErrorCode, Phase, Result};
+use crate::pool::connection::{is_connection_lost, Outcome, Statement};
+use crate::pool::{Pool, PoolShared};
+
+/// Called once with the statement's outcome, on a runtime thread.
+pub type Done = Box<dyn FnOnce(Result<Outcome>) + Send>;
+
+/// Most statements one connection carries in one batch.
+const MAX_BATCH: usize = 64;
+
+struct Job {
+    statement: Statement,
+    submitted: Instant,
+    done: Done,
+}
+
+#[derive(Default)]
+pub(crate) struct Queue {
+    jobs: VecDeque<Job>,
+    dispatchers: usize,
+    reaper: bool,
+}
+
+impl Queue {
+    pub(crate) fn len(&self) -> usize {
+        self.jobs.len()
+    }
+}
+
+impl Pool {
+    /// Queues one statement; `done` receives its outcome. Never blocks the caller.
+    pub fn submit(&self, statement: Statement, done: Done) {
+        let s = &self.shared;
+        if self.is_closed() {
+            return done(Err(self.closed_error()));
+        }
+        if !statement.can_pipeline() {
+            let pool = self.clone();
+            s.runtime
+                .spawn(async move { done(pool.run(&statement.borrow()).await) });
+            return;
+        }
+        let mut queue = s.queue.lock();
+        if queue.jobs.len() + s.waiters.load(std::sync::atomic::Ordering::Relaxed)
+            >= s.config.max_waiting.max(1)
+            && s.pool.status().available == 0
+        {
+            drop(queue);
+            s.recorder.gets.inc();
+            s.recorder.rejected.inc();
+            return done(Err(self.exhausted_error()));
+        }
+        queue.jobs.push_back(Job {
+            statement,
+            submitted: Instant::now(),
+            done,
+        });
+        let max = s.pool.status().max_size.max(1);
+        let start_dispatcher = queue.dispatchers < max && queue.dispatchers < queue.jobs.len();
+        if start_dispatcher {
+            queue.dispatchers += 1;
+        }
+        let start_reaper = !queue.reaper;
+        queue.reaper = true;
+        drop(queue);
+        if start_dispatcher {
+            s.runtime.spawn(dispatch(self.clone()));
+        }
+        if start_reaper {
+            s.runtime.spawn(reap(Arc::downgrade(&self.shared)));
+        }
+    }
+
+    pub(crate) fn exhausted_error(&self) -> Error {
+        Error::new(
+            ErrorCode::PoolExhausted,
+            format!(
+                "pool '{}' has {} callers waiting already (maxWaiting); shed load or raise maxWaiting/maxSize",
+                self.name(),
+                self.shared.config.max_waiting
+            ),
+        )
+    }
+}
+
+/// Takes batches off the queue until it is empty.
+async fn dispatch(pool: Pool) {
+    loop {
+        let batch: Vec<Job> = {
+            let mut queue = pool.shared.queue.lock();
+            if queue.jobs.is_empty() {
+                queue.dispatchers -= 1;
+                return;
+            }
+            // Spread the queue over every connection the pool may open.
+            let connections = pool.shared.pool.status().max_size.max(1);
+            let take = queue.jobs.len().div_ceil(connections).clamp(1, MAX_BATCH);
+            queue.jobs.drain(..take).collect()
+        };
+        serve(&pool, batch).await;
+    }
+}
+
+async fn serve(pool: &Pool, batch: Vec<Job>) {
+    let s = &pool.shared;
+    let n = batch.len() as u64;
+    s.recorder.gets.add(n);
+    let oldest = batch[0].submitted;
+    let lease = match Box::pin(pool.checkout(oldest, oldest + s.config.acquire_timeout, None)).await
+    {
+        Ok(lease) => lease,
+        Err(err) => {
+            // `checkout` counted one failure; count the rest of the batch the same way.
+            for _ in 1..n {
+                count_failure(pool, &err);
+            }
+            for job in batch {
+                (job.done)(Err(err.clone()));
+            }
+            return;
+        }
+    };
+    let picked = Instant::now();
+    s.recorder.successful_gets.add(n - 1);
+    for job in &batch[1..] {
+        s.recorder
+            .acquire_latency
+            .record(picked.saturating_duration_since(job.submitted));
+    }
+    // `done` callbacks are Send but not Sync: keep them out of the futures that borrow.
+    let (statements, dones): (Vec<Statement>, Vec<Done>) =
+        batch.into_iter().map(|j| (j.statement, j.done)).unzip();
+    let results = {
+        let conn = match lease.connection() {
+            Ok(c) => c,
+            Err(e) => {
+                for done in dones {
+                    done(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        futures::future::join_all(
+            statements
+                .iter()
+                .map(|st| async move { conn.run(&st.borrow()).await }),
+        )
+        .await
+    };
+    let reused = lease.reused;
+    drop(lease);
+    for ((statement, done), result) in statements.into_iter().zip(dones).zip(results) {
+        match result {
+            // The pooled connection was lost under it: once more on a fresh connection.
+            Err(e) if reused && is_connection_lost(&e) => {
+                let pool = pool.clone();
+                s.runtime
+                    .spawn(async move { done(pool.run(&statement.borrow()).await) });
+            }
+            other => done(other),
+        }
+    }
+}
+
+fn count_failure(pool: &Pool, err: &Error) {
+    let r = &pool.shared.recorder;
+    match (err.code, err.phase) {
+        (ErrorCode::PoolTimeout, Some(Phase::Connect)) => r.timeouts_connect.inc(),
+        (ErrorCode::PoolTimeout, Some(Phase::Validate)) => r.timeouts_validate.inc(),
+        (ErrorCode::PoolTimeout, _) => r.timeouts_wait.inc(),
+        _ => {}
+    }
+}
+
+/// Fails queued statements whose `acquireTimeoutMs` ran out before a connection was free.
+async fn reap(shared: Weak<PoolShared>) {
+    let tick = match shared.upgrade() {
+        Some(s) => (s.config.acquire_timeout / 8)
+            .clamp(Duration::from_millis(5), Duration::from_millis(250)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let pool = Pool { shared };
+        let now = Instant::now();
+        let expired: Vec<Job> = {
+            let mut queue = pool.shared.queue.lock();
+            if queue.jobs.is_empty() {
+                queue.reaper = false;
+                return;
+            }
+            let timeout = pool.shared.config.acquire_timeout;
+            let stale = queue
+                .jobs
+                .iter()
+                .take_while(|j| now >= j.submitted + timeout)
+                .count();
+            queue.jobs.drain(..stale).collect()
+        };
+        for job in expired {
+            pool.shared.recorder.gets.inc();
+            (job.done)(Err(pool.timeout_error(Phase::Wait)));
+        }
+    }
+}
