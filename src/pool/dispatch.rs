@@ -50,10 +50,7 @@ impl Pool {
             return;
         }
         let mut queue = s.queue.lock();
-        if queue.jobs.len() + s.waiters.load(std::sync::atomic::Ordering::Relaxed)
-            >= s.config.max_waiting.max(1)
-            && s.pool.status().available == 0
-        {
+        if self.queue_full(queue.jobs.len()) {
             drop(queue);
             s.recorder.gets.inc();
             s.recorder.rejected.inc();

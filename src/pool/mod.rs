@@ -120,6 +120,18 @@ impl Pool {
         self.shared.is_closed()
     }
 
+    /// True when a new caller would wait behind `maxWaiting` others. Callers that a free
+    /// slot will serve (a connection still to be opened) are not counted as waiting.
+    pub(crate) fn queue_full(&self, queued: usize) -> bool {
+        let s = &self.shared;
+        let st = s.pool.status();
+        if st.available > 0 {
+            return false;
+        }
+        let free_slots = st.max_size.saturating_sub(st.size);
+        s.waiters.load(Ordering::Relaxed) + queued >= s.config.max_waiting + free_slots
+    }
+
     pub(crate) fn closed_error(&self) -> Error {
         Error::new(
             ErrorCode::PoolClosed,
@@ -136,10 +148,8 @@ impl Pool {
         let s = &self.shared;
         s.recorder.gets.inc();
         let started = Instant::now();
-        let status = s.pool.status();
-        if status.available == 0
-            && s.waiters.load(Ordering::Relaxed) + s.queue.lock().len() >= s.config.max_waiting
-        {
+        let queued = s.queue.lock().len();
+        if self.queue_full(queued) {
             s.recorder.rejected.inc();
             return Err(self.exhausted_error());
         }
