@@ -309,7 +309,9 @@ export interface CloseOptions {
 
 /** Free and total memory of the cache's GPU. */
 export interface DeviceMemory {
+  /** Free device bytes (`cuMemGetInfo`). */
   free: number
+  /** Total device bytes. */
   total: number
 }
 
@@ -576,7 +578,9 @@ export interface ModelCacheOptions {
 export interface ModelCacheStats {
   /** Models resident now. */
   models: number
+  /** `load`/`get` calls that found the model resident. */
   hits: number
+  /** `load`/`get` calls that did not (a load that waited on another load of the id counts here). */
   misses: number
   /** `hits / (hits + misses)`, 0 before the first lookup. */
   hitRate: number
@@ -586,6 +590,7 @@ export interface ModelCacheStats {
   expirations: number
   /** Host bytes held: weights and workspaces, including evicted models finishing a call. */
   bytes: number
+  /** Device bytes held: weights and workspaces. */
   gpuBytes: number
   /** `'cpu'` or `'cuda:N'`. */
   device: string
@@ -619,6 +624,7 @@ export interface ModelMemoryUsage {
   tempBufferBytes: number
   /** Weights and workspaces in GPU memory. */
   gpuBytes: number
+  /** The sum of the four above. */
   totalBytes: number
 }
 

@@ -191,6 +191,8 @@ describe('ModelCache: concurrency, ownership and GC', () => {
     expect(await codeOf(cache.load(any(5), 'x'))).toBe('INVALID_ARGUMENT')
     expect(await codeOf(cache.load('', 'x'))).toBe('INVALID_ARGUMENT')
     expect(await codeOf(cache.load('x', any({})))).toBe('INVALID_ARGUMENT')
+    expect(await codeOf(() => cache.get(any(null)))).toBe('INVALID_ARGUMENT')
+    expect(await codeOf(() => cache.evict(any(1)))).toBe('INVALID_ARGUMENT')
   })
 
   it('a released handle fails; [Symbol.dispose] releases', async () => {

@@ -1,5 +1,5 @@
 import { ConnectionPool, type PooledConnection } from '../index'
-import { collectGarbage, databaseUrl, describeWithPostgres, eventually } from './support/env'
+import { collectGarbage, databaseUrl, describeWithPostgres, eventually, trackedPools } from './support/env'
 
 const appName = (tag: string) => `qm_test_${tag}_${process.pid}`
 const urlWith = (tag: string) => {
@@ -9,16 +9,8 @@ const urlWith = (tag: string) => {
 }
 
 describeWithPostgres('ConnectionPool on PostgreSQL', () => {
-  // Every pool a test opens is closed after it, pass or fail, so no test inherits connections.
-  const opened: ConnectionPool[] = []
-  const open = (options: ConstructorParameters<typeof ConnectionPool>[0]) => {
-    const pool = new ConnectionPool(options)
-    opened.push(pool)
-    return pool
-  }
-  afterEach(async () => {
-    await Promise.all(opened.splice(0).map((p) => p.close({ timeoutMs: 1000 })))
-  })
+  // Every pool a test opens is closed after it, pass or fail.
+  const open = trackedPools()
 
   let admin: ConnectionPool
   beforeAll(async () => {

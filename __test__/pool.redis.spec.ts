@@ -1,16 +1,9 @@
 import { ConnectionPool } from '../index'
-import { collectGarbage, describeWithRedis, eventually, redisUrl } from './support/env'
+import { collectGarbage, describeWithRedis, eventually, trackedPools, redisUrl } from './support/env'
 
 describeWithRedis('ConnectionPool on Redis', () => {
-  const opened: ConnectionPool[] = []
-  const open = (options: ConstructorParameters<typeof ConnectionPool>[0]) => {
-    const pool = new ConnectionPool(options)
-    opened.push(pool)
-    return pool
-  }
-  afterEach(async () => {
-    await Promise.all(opened.splice(0).map((p) => p.close({ timeoutMs: 1000 })))
-  })
+  // Every pool a test opens is closed after it, pass or fail.
+  const open = trackedPools()
 
   const key = (k: string) => `qm:test:${process.pid}:${k}`
 

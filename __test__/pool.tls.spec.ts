@@ -4,7 +4,7 @@ import os from 'node:os'
 import path from 'node:path'
 
 import { ConnectionPool } from '../index'
-import { startPostgresProcess } from './support/servers'
+import { startPostgres } from './support/servers'
 
 // A throwaway PostgreSQL with TLS on, its certificate signed by a CA made here with openssl.
 // The certificate names `localhost` and 127.0.0.1 only.
@@ -31,7 +31,7 @@ describe('ConnectionPool over TLS (rustls)', () => {
   let server: { url: string; stop: () => Promise<void> }
   beforeAll(async () => {
     certs = makeCertificates()
-    server = await startPostgresProcess({ cert: certs.cert, key: certs.key })
+    server = await startPostgres({ cert: certs.cert, key: certs.key })
   }, 60_000)
   afterAll(async () => server && (await server.stop()))
 

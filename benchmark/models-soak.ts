@@ -36,8 +36,11 @@ export async function soak(cycles: number, predicts = cycles * 10): Promise<Soak
   const lstmBytes = fs.readFileSync(path.join(root, 'models/sample-lstm.safetensors'))
   const cache = new ModelCache({ device: 'auto', maxModels: 8, cleanupIntervalMs: 0 })
   const started = performance.now()
-  const warmup = Math.max(1, Math.floor(cycles / 10))
+  // glibc grows per-thread arenas (libuv pool, tokio, rayon) during the first cycles.
+  const warmup = Math.max(1, Math.floor(cycles / 4))
   let rssWarm = 0
+  const rss: number[] = []
+  const checkpoint = Math.max(1, Math.floor((cycles - warmup) / 20))
   const x = new Float32Array(8 * 4).fill(0.25)
   const xs = new Float32Array(40).fill(0.1)
   const predictsPerCycle = Math.max(1, Math.floor(predicts / cycles))
@@ -57,14 +60,20 @@ export async function soak(cycles: number, predicts = cycles * 10): Promise<Soak
     cache.evict(id)
     lastModelBytes = model.memoryUsage().totalBytes
     model.release()
-    if (c + 1 === warmup) {
+    if (c + 1 >= warmup && (c + 1 - warmup) % checkpoint === 0) {
       await settle()
-      rssWarm = process.memoryUsage().rss
+      rss.push(process.memoryUsage().rss)
     }
   }
   cache.clear()
   await settle()
-  const rssEnd = process.memoryUsage().rss
+  rss.push(process.memoryUsage().rss)
+  // Drift: the median of the last checkpoints against the median of the first ones, so one
+  // allocator hiccup at either end does not decide it.
+  const mid = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
+  const span = Math.max(1, Math.floor(rss.length / 4))
+  rssWarm = mid(rss.slice(0, span))
+  const rssEnd = mid(rss.slice(-span))
   return {
     cycles,
     predicts: done,

@@ -126,12 +126,20 @@ async function predictVsOrt(): Promise<Row[]> {
     const tput = { qmAsync: [] as number[], qmSync: [] as number[], ort: [] as number[] }
     const concurrency = 4
     const slice = ms / rounds
+    // ORT's intra-op threads spin after each run; a pause lets each phase start on idle cores.
+    const pause = () => new Promise((r) => setTimeout(r, 50))
     for (let round = 0; round < rounds; round++) {
+      await pause()
       lat.qmAsync.push(...(await sample(() => model.predict(x, { batch }), slice)))
+      await pause()
       lat.ort.push(...(await sample(() => session.run({ x: tensor }), slice)))
+      await pause()
       lat.qmSync.push(...(await sample(() => model.predictSync(x, { batch }), slice)))
+      await pause()
       tput.qmAsync.push(await throughput(() => model.predict(x, { batch }), batch, concurrency, slice))
+      await pause()
       tput.ort.push(await throughput(() => session.run({ x: tensor }), batch, concurrency, slice))
+      await pause()
       const calls = await sample(() => model.predictSync(x, { batch }), slice)
       tput.qmSync.push((calls.length * batch) / (calls.reduce((a, b) => a + b, 0) / 1000))
     }

@@ -1,3 +1,5 @@
+import { ConnectionPool, type PoolOptions } from '../../index'
+
 // Which servers this run has. A suite that needs a missing one skips loudly (never under CI:
 // global-setup fails the run there instead).
 export const databaseUrl = process.env.DATABASE_URL
@@ -38,5 +40,18 @@ export async function eventually<T>(probe: () => Promise<T> | T, ok: (v: T) => b
     const v = await probe()
     if (ok(v) || Date.now() > deadline) return v
     await new Promise((r) => setTimeout(r, 20))
+  }
+}
+
+/** Opens pools for a suite and closes every one after each test, pass or fail. */
+export function trackedPools(): (options: PoolOptions) => ConnectionPool {
+  const opened: ConnectionPool[] = []
+  afterEach(async () => {
+    await Promise.all(opened.splice(0).map((p) => p.close({ timeoutMs: 1000 })))
+  })
+  return (options) => {
+    const pool = new ConnectionPool(options)
+    opened.push(pool)
+    return pool
   }
 }

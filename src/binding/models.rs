@@ -60,6 +60,7 @@ pub struct ModelMemoryUsage {
     pub temp_buffer_bytes: f64,
     /// Weights and workspaces in GPU memory.
     pub gpu_bytes: f64,
+    /// The sum of the four above.
     pub total_bytes: f64,
 }
 
@@ -80,7 +81,9 @@ impl From<MemoryUsage> for ModelMemoryUsage {
 pub struct ModelCacheStats {
     /// Models resident now.
     pub models: u32,
+    /// `load`/`get` calls that found the model resident.
     pub hits: f64,
+    /// `load`/`get` calls that did not (a load that waited on another load of the id counts here).
     pub misses: f64,
     /// `hits / (hits + misses)`, 0 before the first lookup.
     pub hit_rate: f64,
@@ -90,6 +93,7 @@ pub struct ModelCacheStats {
     pub expirations: f64,
     /// Host bytes held: weights and workspaces, including evicted models finishing a call.
     pub bytes: f64,
+    /// Device bytes held: weights and workspaces.
     pub gpu_bytes: f64,
     /// `'cpu'` or `'cuda:N'`.
     pub device: String,
@@ -98,7 +102,9 @@ pub struct ModelCacheStats {
 /// Free and total memory of the cache's GPU.
 #[napi(object, object_from_js = false)]
 pub struct DeviceMemory {
+    /// Free device bytes (`cuMemGetInfo`).
     pub free: f64,
+    /// Total device bytes.
     pub total: f64,
 }
 
@@ -322,20 +328,23 @@ impl ModelCache {
     }
 
     /// The resident model `id`, or `null` (counted as a hit or a miss).
-    #[napi]
-    pub fn get(&self, id: String) -> Option<Model> {
-        self.core
+    #[napi(ts_args_type = "id: string")]
+    pub fn get(&self, env: Env, id: Unknown) -> napi::Result<Option<Model>> {
+        let id = model_id(&id).map_err(|e| js_error(&env, e))?;
+        Ok(self
+            .core
             .get(&id)
-            .map(|h| Model::new(h, Arc::clone(&self.external), self.core.ttl()))
+            .map(|h| Model::new(h, Arc::clone(&self.external), self.core.ttl())))
     }
 
     /// Evicts `id` now; its memory is freed when its in-flight predictions end. Handles to it
     /// then fail with `MODEL_EVICTED`. Returns whether it was resident.
-    #[napi]
-    pub fn evict(&self, env: Env, id: String) -> bool {
+    #[napi(ts_args_type = "id: string")]
+    pub fn evict(&self, env: Env, id: Unknown) -> napi::Result<bool> {
+        let id = model_id(&id).map_err(|e| js_error(&env, e))?;
         let evicted = self.core.evict(&id);
         self.external.sync(&env, self.core.memory_usage());
-        evicted
+        Ok(evicted)
     }
 
     /// Evicts every expired model now; returns how many.

@@ -9,8 +9,9 @@ use napi::bindgen_prelude::{JsObjectValue, PromiseRaw, Unknown};
 use napi::{sys, Env, JsValue};
 use napi_derive::napi;
 
-use super::values::{self, Reply, Rows};
+use super::completion::Complete;
 use super::metrics::{Metrics, MetricsLatency};
+use super::values::{self, Reply, Rows};
 use super::{js_error, promise, runtime, spawn};
 use crate::error::{Error, Result as CoreResult};
 use crate::metrics::Registry;
@@ -252,6 +253,109 @@ fn pipeline_from_js(env: &Env, commands: sys::napi_value) -> CoreResult<Vec<(Str
     Ok(out)
 }
 
+/// Where a statement goes: the pool's queue, or one lease's connection.
+trait Runner {
+    fn int8(&self) -> Int8Mode;
+    fn send(&self, statement: Statement, complete: Complete<Outcome>);
+}
+
+impl Runner for ConnectionPool {
+    fn int8(&self) -> Int8Mode {
+        self.int8
+    }
+
+    fn send(&self, statement: Statement, complete: Complete<Outcome>) {
+        self.pool.submit(statement, complete);
+    }
+}
+
+impl Runner for PooledConnection {
+    fn int8(&self) -> Int8Mode {
+        self.int8
+    }
+
+    fn send(&self, statement: Statement, complete: Complete<Outcome>) {
+        let lease = Arc::clone(&self.lease);
+        runtime().spawn(async move {
+            let lease = lease.lock().await;
+            let outcome = match lease.connection() {
+                Ok(conn) => Box::pin(conn.run(&statement.borrow())).await,
+                Err(e) => Err(e),
+            };
+            complete(outcome)
+        });
+    }
+}
+
+fn send_query<'e>(
+    to: &impl Runner,
+    env: &'e Env,
+    sql: String,
+    params: Option<Unknown<'e>>,
+) -> napi::Result<PromiseRaw<'e, QueryResult>> {
+    let params = match values::params_from_js(env, raw(&params)) {
+        Ok(p) => p,
+        Err(e) => return reject(env, e),
+    };
+    let int8 = to.int8();
+    let (complete, promise) = promise(env, move |_, out: Outcome| Ok(rows(out.into_rows(), int8)))?;
+    to.send(Statement::Query(sql, params), complete);
+    Ok(promise)
+}
+
+fn send_execute<'e>(
+    to: &impl Runner,
+    env: &'e Env,
+    sql: String,
+    params: Option<Unknown<'e>>,
+) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
+    let params = match values::params_from_js(env, raw(&params)) {
+        Ok(p) => p,
+        Err(e) => return reject(env, e),
+    };
+    let (complete, promise) = promise(env, |_, out: Outcome| match out {
+        Outcome::Done(d) => Ok(done(d)),
+        _ => unreachable_value(),
+    })?;
+    to.send(Statement::Execute(sql, params), complete);
+    Ok(promise)
+}
+
+fn send_command<'e>(
+    to: &impl Runner,
+    env: &'e Env,
+    name: String,
+    args: Option<Unknown<'e>>,
+) -> napi::Result<PromiseRaw<'e, Reply>> {
+    let args = match values::params_from_js(env, raw(&args)) {
+        Ok(a) => a,
+        Err(e) => return reject(env, e),
+    };
+    let (complete, promise) = promise(env, |_, out: Outcome| match out {
+        Outcome::Reply(v) => Ok(Reply(v)),
+        _ => unreachable_value(),
+    })?;
+    to.send(Statement::Command(name, args), complete);
+    Ok(promise)
+}
+
+fn send_pipeline<'e>(
+    to: &impl Runner,
+    env: &'e Env,
+    commands: Unknown<'e>,
+) -> napi::Result<PromiseRaw<'e, Reply>> {
+    let commands = match pipeline_from_js(env, commands.raw()) {
+        Ok(c) => c,
+        Err(e) => return reject(env, e),
+    };
+    let (complete, promise) = promise(env, |_, out: Outcome| match out {
+        Outcome::Replies(v) => Ok(Reply(Value::Array(v))),
+        _ => unreachable_value(),
+    })?;
+    to.send(Statement::Pipeline(commands), complete);
+    Ok(promise)
+}
+
 /// The JS stack of the caller, taken only when leak detection wants it.
 fn capture_stack(env: &Env, wanted: bool) -> Option<String> {
     if !wanted {
@@ -280,12 +384,12 @@ impl ConnectionPool {
         let config =
             PoolConfig::from_options(core_options(options)).map_err(|e| js_error(&env, e))?;
         let int8 = config.int8;
-        let pool =
-            Pool::new(
+        let pool = Pool::new(
             config,
             metrics.map_or_else(Registry::global, |m| Arc::clone(&m.registry)),
             runtime(),
-        ).map_err(|e| js_error(&env, e))?;
+        )
+        .map_err(|e| js_error(&env, e))?;
         Ok(ConnectionPool { pool, int8 })
     }
 
@@ -312,15 +416,7 @@ impl ConnectionPool {
         sql: String,
         params: Option<Unknown<'e>>,
     ) -> napi::Result<PromiseRaw<'e, QueryResult>> {
-        let params = match values::params_from_js(env, raw(&params)) {
-            Ok(p) => p,
-            Err(e) => return reject(env, e),
-        };
-        let int8 = self.int8;
-        let (complete, promise) =
-            promise(env, move |_, out: Outcome| Ok(rows(out.into_rows(), int8)))?;
-        self.pool.submit(Statement::Query(sql, params), complete);
-        Ok(promise)
+        send_query(self, env, sql, params)
     }
 
     /// Runs one statement for its effect and returns the rows affected.
@@ -334,16 +430,7 @@ impl ConnectionPool {
         sql: String,
         params: Option<Unknown<'e>>,
     ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
-        let params = match values::params_from_js(env, raw(&params)) {
-            Ok(p) => p,
-            Err(e) => return reject(env, e),
-        };
-        let (complete, promise) = promise(env, |_, out: Outcome| match out {
-            Outcome::Done(d) => Ok(done(d)),
-            _ => unreachable_value(),
-        })?;
-        self.pool.submit(Statement::Execute(sql, params), complete);
-        Ok(promise)
+        send_execute(self, env, sql, params)
     }
 
     /// Redis: runs one command, e.g. `command('SET', ['k', 'v'])`.
@@ -357,16 +444,7 @@ impl ConnectionPool {
         name: String,
         args: Option<Unknown<'e>>,
     ) -> napi::Result<PromiseRaw<'e, Reply>> {
-        let args = match values::params_from_js(env, raw(&args)) {
-            Ok(a) => a,
-            Err(e) => return reject(env, e),
-        };
-        let (complete, promise) = promise(env, |_, out: Outcome| match out {
-            Outcome::Reply(v) => Ok(Reply(v)),
-            _ => unreachable_value(),
-        })?;
-        self.pool.submit(Statement::Command(name, args), complete);
-        Ok(promise)
+        send_command(self, env, name, args)
     }
 
     /// Redis: sends several commands in one round trip, e.g. `pipeline([['SET','k','v'], ['GET','k']])`.
@@ -379,16 +457,7 @@ impl ConnectionPool {
         env: &'e Env,
         commands: Unknown<'e>,
     ) -> napi::Result<PromiseRaw<'e, Reply>> {
-        let commands = match pipeline_from_js(env, commands.raw()) {
-            Ok(c) => c,
-            Err(e) => return reject(env, e),
-        };
-        let (complete, promise) = promise(env, |_, out: Outcome| match out {
-            Outcome::Replies(v) => Ok(Reply(Value::Array(v))),
-            _ => unreachable_value(),
-        })?;
-        self.pool.submit(Statement::Pipeline(commands), complete);
-        Ok(promise)
+        send_pipeline(self, env, commands)
     }
 
     /// Checks out a connection for several statements (a transaction, session state).
@@ -641,27 +710,6 @@ impl PooledConnection {
         }
     }
 
-    fn run<'e, V, C>(
-        &self,
-        env: &'e Env,
-        op: Statement,
-        convert: C,
-    ) -> napi::Result<PromiseRaw<'e, V>>
-    where
-        V: napi::bindgen_prelude::ToNapiValue + 'static,
-        C: FnOnce(Outcome) -> napi::Result<V> + Send + 'static,
-    {
-        let lease = Arc::clone(&self.lease);
-        spawn(
-            env,
-            async move {
-                let lease = lease.lock().await;
-                Box::pin(lease.connection()?.run(&op.borrow())).await
-            },
-            move |_, out| convert(out),
-        )
-    }
-
     fn finish(&self, leaked: bool) {
         let finish = move |lease: &mut Lease| {
             if leaked {
@@ -694,14 +742,7 @@ impl PooledConnection {
         sql: String,
         params: Option<Unknown<'e>>,
     ) -> napi::Result<PromiseRaw<'e, QueryResult>> {
-        let params = match values::params_from_js(env, raw(&params)) {
-            Ok(p) => p,
-            Err(e) => return reject(env, e),
-        };
-        let int8 = self.int8;
-        self.run(env, Statement::Query(sql, params), move |out| {
-            Ok(rows(out.into_rows(), int8))
-        })
+        send_query(self, env, sql, params)
     }
 
     /// Runs one statement for its effect on this connection.
@@ -715,14 +756,7 @@ impl PooledConnection {
         sql: String,
         params: Option<Unknown<'e>>,
     ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
-        let params = match values::params_from_js(env, raw(&params)) {
-            Ok(p) => p,
-            Err(e) => return reject(env, e),
-        };
-        self.run(env, Statement::Execute(sql, params), |out| match out {
-            Outcome::Done(d) => Ok(done(d)),
-            _ => unreachable_value(),
-        })
+        send_execute(self, env, sql, params)
     }
 
     /// Redis: runs one command on this connection.
@@ -736,14 +770,7 @@ impl PooledConnection {
         name: String,
         args: Option<Unknown<'e>>,
     ) -> napi::Result<PromiseRaw<'e, Reply>> {
-        let args = match values::params_from_js(env, raw(&args)) {
-            Ok(a) => a,
-            Err(e) => return reject(env, e),
-        };
-        self.run(env, Statement::Command(name, args), |out| match out {
-            Outcome::Reply(v) => Ok(Reply(v)),
-            _ => unreachable_value(),
-        })
+        send_command(self, env, name, args)
     }
 
     /// Redis: several commands in one round trip on this connection.
@@ -756,14 +783,7 @@ impl PooledConnection {
         env: &'e Env,
         commands: Unknown<'e>,
     ) -> napi::Result<PromiseRaw<'e, Reply>> {
-        let commands = match pipeline_from_js(env, commands.raw()) {
-            Ok(c) => c,
-            Err(e) => return reject(env, e),
-        };
-        self.run(env, Statement::Pipeline(commands), |out| match out {
-            Outcome::Replies(v) => Ok(Reply(Value::Array(v))),
-            _ => unreachable_value(),
-        })
+        send_pipeline(self, env, commands)
     }
 
     /// True once released; further calls fail with `POOL_CLOSED`.

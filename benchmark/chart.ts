@@ -1,0 +1,65 @@
+// benchmark/results.svg: quartermaster ÷ each peer for every headline comparison, drawn by
+// vega-lite (compiled to a vega spec, rendered to SVG headless in Node — no canvas needed).
+import type { TopLevelSpec } from 'vega-lite' with { 'resolution-mode': 'import' }
+
+export interface Ratio {
+  /** The comparison, e.g. `pool.query · 10k concurrent select 1, pool 4`. */
+  comparison: string
+  peer: string
+  /** quartermaster ÷ peer in the comparison's "higher is better" unit. */
+  ratio: number
+}
+
+export async function chartSvg(ratios: Ratio[], subtitle: string): Promise<string> {
+  // Both are ESM-only; this file is CommonJS.
+  const vl = await import('vega-lite')
+  const vega = await import('vega')
+  const values = ratios.map((r) => ({ ...r, label: `${r.ratio >= 10 ? r.ratio.toFixed(0) : r.ratio.toFixed(2)}×` }))
+  const comparisons = [...new Set(ratios.map((r) => r.comparison))]
+  const min = Math.min(0.5, ...ratios.map((r) => r.ratio)) / 1.5
+  const max = Math.max(2, ...ratios.map((r) => r.ratio)) * 2
+  const x = {
+    field: 'ratio',
+    type: 'quantitative' as const,
+    scale: { type: 'log' as const, domain: [min, max], nice: false },
+    axis: { grid: true, values: [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100].filter((v) => v >= min && v <= max), format: '~g', labelExpr: "datum.label + '×'" },
+    title: 'quartermaster ÷ peer (log scale; right of 1× favours quartermaster)',
+  }
+  const y = { field: 'comparison', type: 'nominal' as const, sort: comparisons, title: null, axis: { labelLimit: 420, labelFontSize: 11 } }
+  const spec: TopLevelSpec = {
+    $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
+    title: { text: 'quartermaster against each peer, same process run', subtitle, anchor: 'start', fontSize: 15 },
+    width: 480,
+    height: { step: 26 },
+    background: 'white',
+    padding: 12,
+    data: { values },
+    layer: [
+      {
+        mark: { type: 'bar', height: { band: 0.9 } },
+        encoding: {
+          y,
+          yOffset: { field: 'peer', type: 'nominal' },
+          x,
+          x2: { datum: 1 },
+          color: { field: 'peer', type: 'nominal', title: 'peer', scale: { scheme: 'tableau10' }, legend: { orient: 'bottom', columns: 3 } },
+        },
+      },
+      {
+        mark: { type: 'text', align: 'left', dx: 4, fontSize: 10 },
+        encoding: { y, yOffset: { field: 'peer', type: 'nominal' }, x, text: { field: 'label' } },
+      },
+      {
+        data: { values: [{ one: 1 }] },
+        mark: { type: 'rule', strokeDash: [4, 3], color: '#333' },
+        encoding: { x: { field: 'one', type: 'quantitative' } },
+      },
+    ],
+    config: { font: 'Helvetica, Arial, sans-serif', view: { stroke: null } },
+  }
+  const compiled = vl.compile(spec).spec
+  const view = new vega.View(vega.parse(compiled), { renderer: 'none' })
+  const svg = await view.toSVG()
+  view.finalize()
+  return svg
+}
