@@ -48,7 +48,10 @@ export declare class ConnectionPool {
   transaction<T>(fn: (tx: PooledConnection) => Promise<T>): Promise<T>
   /** Occupancy right now. */
   status(): PoolStatus
-  /** Counters and latency percentiles since the pool was created. */
+  /**
+   * Counters since the pool was created; latency percentiles over the window since the
+   * last `reset()` of the `Metrics` registry the pool reports into.
+   */
   metrics(): PoolMetrics
   /** Health score and status from saturation, queueing and failures. */
   health(): PoolHealth
@@ -143,8 +146,9 @@ export declare class MetricsReporter {
 
 /**
  * A handle to a model in a `ModelCache`. It does not keep the model resident: once evicted,
- * calls fail with `MODEL_EVICTED` (a prediction already running finishes first). Release it
- * with `release()` or `using`; a collected handle is released too.
+ * calls fail with `MODEL_EVICTED` (a prediction already running finishes first) until
+ * `reload()` is asked for. Release it with `release()` or `using`; a collected handle is
+ * released too.
  */
 export declare class Model {
   /** The id it was loaded under. */
@@ -175,6 +179,12 @@ export declare class Model {
    * than the work. Throws the same errors.
    */
   predictSync(input: Float32Array, options?: PredictOptions | undefined | null): Float32Array
+  /**
+   * A handle to this model again: the resident one, or (after eviction) a fresh load from
+   * the file it was loaded from. Rejects with `INVALID_ARGUMENT` for a model loaded from a
+   * Buffer or a released handle.
+   */
+  reload(): Promise<Model>
   /** Bytes the model holds now; all zero once it is evicted and its last call has ended. */
   memoryUsage(): ModelMemoryUsage
   /** Releases the handle (idempotent). The model stays in the cache for other callers. */
@@ -594,6 +604,8 @@ export interface ModelCacheStats {
   gpuBytes: number
   /** `'cpu'` or `'cuda:N'`. */
   device: string
+  /** Handles the garbage collector collected without `release()` (they are released then). */
+  collectedHandles: number
 }
 
 /** One model in a snapshot. */

@@ -221,6 +221,7 @@ describe('ModelCache: concurrency, ownership and GC', () => {
     expect(collected).toEqual(['dropped'])
     expect(live()).toBe(before)
     expect(cache.stats().models).toBe(1)
+    expect(cache.stats().collectedHandles).toBe(1)
     expect(cache.get('dropped')!.predictSync(new Float32Array(8)).length).toBe(1)
   })
 
@@ -240,6 +241,11 @@ describe('ModelCache: concurrency, ownership and GC', () => {
     expect(model.resident).toBe(false)
     expect(await codeOf(model.predict(x))).toBe('MODEL_EVICTED')
     expect(await codeOf(() => model.predictSync(x))).toBe('MODEL_EVICTED')
+    // Asked to, an evicted handle reloads from its file.
+    const again = await model.reload()
+    expect(Buffer.from(again.predictSync(x).buffer).equals(Buffer.from(expected.buffer))).toBe(true)
+    const fromBytes = await cache.load('bytes', fs.readFileSync(file))
+    expect(await codeOf(fromBytes.reload())).toBe('INVALID_ARGUMENT')
   })
 
   it('memoryUsage is exact and returns to zero after clear()', async () => {

@@ -16,7 +16,7 @@ export async function chartSvg(ratios: Ratio[], subtitle: string): Promise<strin
   const vega = await import('vega')
   const values = ratios.map((r) => ({ ...r, label: `${r.ratio >= 10 ? r.ratio.toFixed(0) : r.ratio.toFixed(2)}×` }))
   const comparisons = [...new Set(ratios.map((r) => r.comparison))]
-  const min = Math.min(0.5, ...ratios.map((r) => r.ratio)) / 1.5
+  const min = Math.min(0.5, ...ratios.map((r) => r.ratio)) / 3
   const max = Math.max(2, ...ratios.map((r) => r.ratio)) * 2
   const x = {
     field: 'ratio',
@@ -25,7 +25,7 @@ export async function chartSvg(ratios: Ratio[], subtitle: string): Promise<strin
     axis: { grid: true, values: [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100].filter((v) => v >= min && v <= max), format: '~g', labelExpr: "datum.label + '×'" },
     title: 'quartermaster ÷ peer (log scale; right of 1× favours quartermaster)',
   }
-  const y = { field: 'comparison', type: 'nominal' as const, sort: comparisons, title: null, axis: { labelLimit: 420, labelFontSize: 11 } }
+  const y = { field: 'comparison', type: 'nominal' as const, sort: comparisons, title: null, axis: { labelLimit: 1000, labelFontSize: 11 } }
   const spec: TopLevelSpec = {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
     title: { text: 'quartermaster against each peer, same process run', subtitle, anchor: 'start', fontSize: 15 },
@@ -45,8 +45,15 @@ export async function chartSvg(ratios: Ratio[], subtitle: string): Promise<strin
           color: { field: 'peer', type: 'nominal', title: 'peer', scale: { scheme: 'tableau10' }, legend: { orient: 'bottom', columns: 3 } },
         },
       },
+      // Ratio labels outside the bar end: right of wins, left of losses.
       {
+        transform: [{ filter: 'datum.ratio >= 1' }],
         mark: { type: 'text', align: 'left', dx: 4, fontSize: 10 },
+        encoding: { y, yOffset: { field: 'peer', type: 'nominal' }, x, text: { field: 'label' } },
+      },
+      {
+        transform: [{ filter: 'datum.ratio < 1' }],
+        mark: { type: 'text', align: 'right', dx: -4, fontSize: 10 },
         encoding: { y, yOffset: { field: 'peer', type: 'nominal' }, x, text: { field: 'label' } },
       },
       {
@@ -55,7 +62,7 @@ export async function chartSvg(ratios: Ratio[], subtitle: string): Promise<strin
         encoding: { x: { field: 'one', type: 'quantitative' } },
       },
     ],
-    config: { font: 'Helvetica, Arial, sans-serif', view: { stroke: null } },
+    config: { font: 'Helvetica, Arial, sans-serif', view: { stroke: null }, axis: { labelLimit: 1000 } },
   }
   const compiled = vl.compile(spec).spec
   const view = new vega.View(vega.parse(compiled), { renderer: 'none' })

@@ -203,6 +203,18 @@ function headline(tables: Table[]): Headline[] {
   return out
 }
 
+/** A shorter label for the chart's axis (vega estimates text width generously without a canvas). */
+function chartLabel(comparison: string): string {
+  return comparison
+    .replace('tryAcquire + release', 'tryAcquire')
+    .replace('acquire + release', 'acquire')
+    .replace(/ on (\d+) connections/, '/$1 conns')
+    .replace('PostgreSQL', 'PG')
+    .replace(/(\w+) concurrent select 1/, 'select 1 ×$1')
+    .replace(/^(metrics|models) · /, '')
+    .replace(', 4 in flight', '')
+}
+
 function headlineMarkdown(rows: Headline[]): string {
   const lines = [
     '| comparison | unit | quartermaster | peer | peer figure | quartermaster ÷ peer |',
@@ -237,6 +249,8 @@ function sh(cmd: string, args: string[]): string {
   }
 }
 
+const loadAtStart = os.loadavg()[0]
+
 async function machine(url: string, dbSource: string): Promise<Row[]> {
   let server = '?'
   try {
@@ -253,6 +267,7 @@ async function machine(url: string, dbSource: string): Promise<Row[]> {
     { what: 'CPUs (nproc)', value: sh('nproc', []) },
     { what: 'CPU model', value: os.cpus()[0]?.model ?? '?' },
     { what: 'memory', value: `${(os.totalmem() / 2 ** 30).toFixed(1)} GiB` },
+    { what: 'load average (1 min)', value: `${loadAtStart.toFixed(2)} at start, ${os.loadavg()[0].toFixed(2)} at end (other work shares this machine)` },
     { what: 'OS', value: `${os.type()} ${os.release()} ${os.arch()}` },
     { what: 'Node.js', value: process.version },
     { what: 'Rust', value: sh('rustc', ['--version']) },
@@ -320,7 +335,7 @@ async function main(): Promise<void> {
     console.log('\n=== headline (quartermaster ÷ peer; > 1 favours quartermaster) ===')
     console.log(headlineMarkdown(head))
     const machineRows = await machine(db.url, db.source)
-    const ratios: Ratio[] = head.map((h) => ({ comparison: h.comparison, peer: h.peer.replace(/ \(await acquire\)$/, ''), ratio: h.ratio }))
+    const ratios: Ratio[] = head.map((h) => ({ comparison: chartLabel(h.comparison), peer: h.peer.replace(/ \(await acquire\)$/, ''), ratio: h.ratio }))
     const when = String(machineRows[0].value).slice(0, 10)
     const svg = await chartSvg(ratios, `${when} · ${machineRows[1].value} CPUs (${machineRows[2].value}), shared machine · medians · Node ${process.version}`)
     if (write) {

@@ -100,11 +100,17 @@ async function main(): Promise<number> {
   let tables: Tables | null = null
   let stopRequested = false
   let failed = false
-  const onSignal = () => {
+  // First signal: stop the workload, report and clean up. A second one: remove the temp dir
+  // and leave at once.
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stopRequested) {
+      if (tmp) rmSync(tmp, { recursive: true, force: true })
+      process.exit(signal === 'SIGINT' ? 130 : 143)
+    }
     stopRequested = true
   }
-  process.on('SIGINT', onSignal)
-  process.on('SIGTERM', onSignal)
+  const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP']
+  for (const s of signals) process.on(s, onSignal)
 
   try {
     pool = new ConnectionPool({ url, maxSize: opts.poolSize, minIdle: Math.min(2, opts.poolSize), acquireTimeoutMs: 5000, name: 'demo-orders' })
@@ -117,10 +123,10 @@ async function main(): Promise<number> {
     tables = tableNames(pool.backend)
     await createSchema(pool, tables)
     const models = await loadModels(cache)
-    const why = opts.device === 'auto' && cache.device === 'cpu' ? " (device 'auto': no usable CUDA GPU, running on the CPU)" : ` (device '${opts.device}')`
+    const why = opts.device === 'auto' && cache.device === 'cpu' ? " ('auto': no usable CUDA GPU here)" : ` (device '${opts.device}')`
     console.log(
-      `models: ${models.lstm.id} (${models.lstm.arch}, ${models.lstm.sequenceLength}×${models.lstm.inputSize} → ${models.lstm.outputSize}) and ` +
-        `${models.mlp.id} (${models.mlp.arch}, ${models.mlp.inputSize} → ${models.mlp.outputSize}) on ${cache.device}${why}`,
+      `models: ${models.lstm.id} (${models.lstm.arch} ${models.lstm.sequenceLength}×${models.lstm.inputSize}→${models.lstm.outputSize}), ` +
+        `${models.mlp.id} (${models.mlp.arch} ${models.mlp.inputSize}→${models.mlp.outputSize}) on ${cache.device}${why}`,
     )
 
     const tally = new Tally()
@@ -200,8 +206,6 @@ async function main(): Promise<number> {
     console.error(`\ndemo failed: ${e.code ? `${e.code}: ` : ''}${e.message}${hint}`)
     return 1
   } finally {
-    process.off('SIGINT', onSignal)
-    process.off('SIGTERM', onSignal)
     try {
       if (pool && tables && pool.backend === 'postgres') await dropSchema(pool, tables)
     } catch (err) {
@@ -210,6 +214,7 @@ async function main(): Promise<number> {
     cache?.clear()
     await pool?.close({ timeoutMs: 5000 }).catch(() => {})
     if (tmp) rmSync(tmp, { recursive: true, force: true })
+    for (const s of signals) process.off(s, onSignal)
   }
 }
 

@@ -134,11 +134,9 @@ export class LiveView {
     this.render(lines.join('\n'))
   }
 
+  /** Leaves the last frame drawn while the workload ran on screen. */
   stop(): void {
-    if (this.render) {
-      this.update()
-      this.done?.()
-    }
+    this.done?.()
   }
 }
 

@@ -97,6 +97,8 @@ pub struct ModelCacheStats {
     pub gpu_bytes: f64,
     /// `'cpu'` or `'cuda:N'`.
     pub device: String,
+    /// Handles the garbage collector collected without `release()` (they are released then).
+    pub collected_handles: f64,
 }
 
 /// Free and total memory of the cache's GPU.
@@ -384,6 +386,7 @@ impl ModelCache {
             bytes: s.bytes as f64,
             gpu_bytes: s.gpu_bytes as f64,
             device: s.device,
+            collected_handles: s.collected_handles as f64,
         }
     }
 
@@ -418,8 +421,9 @@ impl ObjectFinalize for ModelCache {
 }
 
 /// A handle to a model in a `ModelCache`. It does not keep the model resident: once evicted,
-/// calls fail with `MODEL_EVICTED` (a prediction already running finishes first). Release it
-/// with `release()` or `using`; a collected handle is released too.
+/// calls fail with `MODEL_EVICTED` (a prediction already running finishes first) until
+/// `reload()` is asked for. Release it with `release()` or `using`; a collected handle is
+/// released too.
 #[napi(custom_finalize)]
 pub struct Model {
     handle: Option<ModelHandle>,
@@ -556,6 +560,29 @@ impl Model {
         Float32ArraySlice::copy_from(env, p.output())
     }
 
+    /// A handle to this model again: the resident one, or (after eviction) a fresh load from
+    /// the file it was loaded from. Rejects with `INVALID_ARGUMENT` for a model loaded from a
+    /// Buffer or a released handle.
+    #[napi(catch_unwind, ts_return_type = "Promise<Model>")]
+    pub fn reload<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, Model>> {
+        let reload = self.handle().and_then(ModelHandle::reload);
+        let external = Arc::clone(&self.external);
+        let ttl = self.handle.as_ref().and_then(|h| h.cache_ttl());
+        spawn(
+            env,
+            async move {
+                match reload {
+                    Ok(loading) => loading.await,
+                    Err(e) => Err(e),
+                }
+            },
+            move |env, handle: ModelHandle| {
+                external.sync(env, handle.cache_memory_usage());
+                Ok(Model::new(handle, external, ttl))
+            },
+        )
+    }
+
     /// Bytes the model holds now; all zero once it is evicted and its last call has ended.
     #[napi]
     pub fn memory_usage(&self) -> ModelMemoryUsage {
@@ -631,6 +658,9 @@ impl<'env> ScopedTask<'env> for PredictTask {
 
 impl ObjectFinalize for Model {
     fn finalize(mut self, env: Env) -> napi::Result<()> {
+        if let Some(handle) = &self.handle {
+            handle.count_collected();
+        }
         self.release(env);
         Ok(())
     }

@@ -537,7 +537,8 @@ impl ConnectionPool {
         }
     }
 
-    /// Counters and latency percentiles since the pool was created.
+    /// Counters since the pool was created; latency percentiles over the window since the
+    /// last `reset()` of the `Metrics` registry the pool reports into.
     #[napi]
     pub fn metrics(&self) -> PoolMetrics {
         let m = self.pool.metrics();

@@ -188,6 +188,8 @@ pub struct CacheRecorder {
     pub evictions_count: Counter,
     pub evictions_bytes: Counter,
     pub evictions_explicit: Counter,
+    /// Model handles the garbage collector collected without `release()`.
+    pub collected_handles: Counter,
     pub expirations: Counter,
     /// Native buffers allocated / freed for model weights and workspaces.
     pub allocations: Counter,
@@ -211,6 +213,7 @@ impl CacheRecorder {
             evictions_count: Counter::default(),
             evictions_bytes: Counter::default(),
             evictions_explicit: Counter::default(),
+            collected_handles: Counter::default(),
             expirations: Counter::default(),
             allocations: Counter::default(),
             deallocations: Counter::default(),

@@ -77,6 +77,8 @@ pub struct CacheStats {
     pub bytes: u64,
     pub gpu_bytes: u64,
     pub device: String,
+    /// Handles the garbage collector collected without `release()`.
+    pub collected_handles: u64,
 }
 
 enum Backend {
@@ -87,6 +89,7 @@ enum Backend {
 /// One resident model. Owned by the cache; borrowed by predictions in flight.
 pub struct ModelEntry {
     id: String,
+    source: Option<PathBuf>,
     spec: ModelSpec,
     backend: Backend,
     tensors: TensorCache,
@@ -110,6 +113,8 @@ impl Drop for ModelEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelInfo {
     pub id: String,
+    /// The file it was loaded from (`None` for bytes).
+    pub source: Option<PathBuf>,
     pub arch: &'static str,
     pub device: String,
     pub input_size: usize,
@@ -146,6 +151,15 @@ pub struct ModelHandle {
     entry: Weak<ModelEntry>,
     cache: Weak<CacheInner>,
     info: Arc<ModelInfo>,
+}
+
+impl ModelHandle {
+    /// The owner of this handle was garbage-collected without releasing it: count it.
+    pub fn count_collected(&self) {
+        if let Some(cache) = self.cache.upgrade() {
+            cache.recorder.collected_handles.inc();
+        }
+    }
 }
 
 impl CacheInner {
@@ -222,9 +236,9 @@ impl CacheInner {
     }
 
     fn build(&self, id: &str, source: ModelSource) -> Result<ModelEntry> {
-        let file = match source {
-            ModelSource::Path(path) => ModelFile::open(&path)?,
-            ModelSource::Bytes(bytes) => ModelFile::from_bytes(&bytes)?,
+        let (file, source) = match source {
+            ModelSource::Path(path) => (ModelFile::open(&path)?, Some(path)),
+            ModelSource::Bytes(bytes) => (ModelFile::from_bytes(&bytes)?, None),
         };
         let model_rec = self.recorder.model(id);
         *model_rec.device.write() = self.device.to_string();
@@ -248,6 +262,7 @@ impl CacheInner {
         };
         Ok(ModelEntry {
             id: id.to_string(),
+            source,
             spec,
             backend,
             tensors: TensorCache::new(self.config.tensor_cache_bytes, Arc::clone(&ledger)),
@@ -265,6 +280,7 @@ impl CacheInner {
             cache: Arc::downgrade(self),
             info: Arc::new(ModelInfo {
                 id: entry.id.clone(),
+                source: entry.source.clone(),
                 arch: entry.spec.arch_name(),
                 device: self.device.to_string(),
                 input_size: entry.spec.input_size,
@@ -446,6 +462,7 @@ impl ModelCache {
             bytes: usage.total_bytes - usage.gpu_bytes,
             gpu_bytes: usage.gpu_bytes,
             device: self.device(),
+            collected_handles: rec.collected_handles.get(),
         }
     }
 
@@ -530,11 +547,37 @@ impl ModelHandle {
         &self.info
     }
 
+    /// A handle to the model again: the resident one, or a fresh load from the file it was
+    /// loaded from. Models loaded from bytes cannot be reloaded this way.
+    pub fn reload(&self) -> Result<impl Future<Output = Result<ModelHandle>> + Send + 'static> {
+        let inner = self.cache.upgrade().ok_or_else(|| {
+            Error::new(
+                ErrorCode::ModelEvicted,
+                format!(
+                    "model '{}' cannot be reloaded: its cache is gone",
+                    self.info.id
+                ),
+            )
+        })?;
+        let source = self.info.source.clone().ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "model '{}' was loaded from bytes; load it again with them",
+                self.info.id
+            ))
+        })?;
+        Ok(ModelCache { inner }.load(self.info.id.clone(), ModelSource::Path(source)))
+    }
+
     /// Whether the model is still resident (not evicted).
     pub fn is_resident(&self) -> bool {
         self.entry
             .upgrade()
             .is_some_and(|e| !e.evicted.load(Ordering::Acquire))
+    }
+
+    /// The TTL of the handle's cache, while the cache exists.
+    pub fn cache_ttl(&self) -> Option<Duration> {
+        self.cache.upgrade().and_then(|c| c.config.ttl)
     }
 
     /// Everything the handle's cache holds (zero once the cache is gone).
@@ -837,6 +880,30 @@ mod tests {
             c.recorder().allocations.get(),
             c.recorder().deallocations.get()
         );
+    }
+
+    #[tokio::test]
+    async fn an_evicted_model_reloads_from_its_file_when_asked() {
+        let dir = std::env::temp_dir().join(format!("qm-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.safetensors");
+        std::fs::write(&path, mlp(&[4, 8, 2], "relu,none", 5)).unwrap();
+        let c = cache(10, u64::MAX, None);
+        let h = c
+            .load("a".into(), ModelSource::Path(path.clone()))
+            .await
+            .unwrap();
+        let before = predict(&h, &[0.5; 4], None).unwrap();
+        c.evict("a");
+        let again = h.reload().unwrap().await.unwrap();
+        assert_eq!(predict(&again, &[0.5; 4], None).unwrap(), before);
+        assert_eq!(c.recorder().loads.get(), 2);
+        let bytes = c.load("b".into(), model(1)).await.unwrap();
+        assert_eq!(
+            bytes.reload().err().unwrap().code,
+            ErrorCode::InvalidArgument
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[tokio::test]
