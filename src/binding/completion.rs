@@ -251,6 +251,26 @@ where
     Ok((Box::new(complete), PromiseRaw::new(raw_env, promise)))
 }
 
+/// A promise settled already: for results ready on the main thread (no thread hop).
+pub(crate) fn resolved<'env, V: ToNapiValue>(
+    env: &'env Env,
+    value: V,
+) -> napi::Result<PromiseRaw<'env, V>> {
+    let raw_env = env.raw();
+    let mut deferred = ptr::null_mut();
+    let mut promise = ptr::null_mut();
+    if unsafe { sys::napi_create_promise(raw_env, &mut deferred, &mut promise) }
+        != sys::Status::napi_ok
+    {
+        return Err(napi::Error::from_reason("could not create a promise"));
+    }
+    match unsafe { V::to_napi_value(raw_env, value) } {
+        Ok(js) => unsafe { sys::napi_resolve_deferred(raw_env, deferred, js) },
+        Err(e) => unsafe { sys::napi_reject_deferred(raw_env, deferred, error_value(env, e)) },
+    };
+    Ok(PromiseRaw::new(raw_env, promise))
+}
+
 /// Runs an owned future on the tokio runtime and settles a promise with its result. The
 /// future must own what it uses — never a borrow of a `#[napi]` object (a terminated worker
 /// would free it mid-await).

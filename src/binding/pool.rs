@@ -12,7 +12,7 @@ use napi_derive::napi;
 use super::completion::Complete;
 use super::metrics::{Metrics, MetricsLatency};
 use super::values::{self, Reply, Rows};
-use super::{js_error, promise, runtime, spawn};
+use super::{js_error, promise, resolved, runtime, spawn};
 use crate::error::{Error, Result as CoreResult};
 use crate::metrics::Registry;
 use crate::pool::config::{Int8Mode, PoolConfig, PoolOptions as CoreOptions};
@@ -465,8 +465,15 @@ impl ConnectionPool {
     /// finds unreleased is rolled back, returned and counted in `leakedLeases`.
     #[napi(ts_return_type = "Promise<PooledConnection>")]
     pub fn acquire<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, PooledConnection>> {
+        let stack = capture_stack(env, !self.pool.config().leak_detection.is_zero());
+        // An idle connection used moments ago needs no validation: hand it out without
+        // leaving the main thread.
+        match self.pool.try_acquire_validated(stack.clone()) {
+            Ok(Some(lease)) => return resolved(env, PooledConnection::new(lease, self.int8)),
+            Ok(None) => {}
+            Err(e) => return reject(env, e),
+        }
         let pool = self.pool.clone();
-        let stack = capture_stack(env, !pool.config().leak_detection.is_zero());
         let int8 = self.int8;
         spawn(
             env,

@@ -173,7 +173,24 @@ impl managed::Manager for Manager {
     type Type = Connection;
     type Error = Error;
 
-    async fn create(&self) -> Result<Connection> {
+    // Boxed: connecting is a large state machine, and deadpool embeds these futures in every
+    // checkout's future, which callers move around (a hot-path memcpy otherwise).
+    fn create(&self) -> impl std::future::Future<Output = Result<Connection>> + Send {
+        Box::pin(self.open())
+    }
+
+    fn recycle(
+        &self,
+        conn: &mut Connection,
+        metrics: &Metrics,
+    ) -> impl std::future::Future<Output = RecycleResult<Error>> + Send {
+        Box::pin(self.validate(conn, metrics))
+    }
+}
+
+impl Manager {
+    /// Opens a connection, retrying with backoff inside the acquire deadline.
+    async fn open(&self) -> Result<Connection> {
         let ctx = current();
         if let Some(c) = &ctx {
             c.set_phase(Phase::Connect);
@@ -221,7 +238,8 @@ impl managed::Manager for Manager {
         }
     }
 
-    async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<Error> {
+    /// Checkout validation: closed, expired or (idle past the grace period) unanswered → replaced.
+    async fn validate(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<Error> {
         let ctx = current();
         if conn.is_unusable() {
             return Err(RecycleError::message(

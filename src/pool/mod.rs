@@ -196,24 +196,43 @@ impl Pool {
 
     /// A connection that is idle right now, or `None`; never waits, connects or pings.
     pub fn try_acquire(&self, stack: Option<String>) -> Result<Option<Lease>> {
+        self.take_idle(stack, false)
+    }
+
+    /// An idle connection used within the validation grace period (so it needs no ping),
+    /// or `None`: the synchronous fast path of `acquire`. Never waits, connects or pings.
+    pub fn try_acquire_validated(&self, stack: Option<String>) -> Result<Option<Lease>> {
+        self.take_idle(stack, true)
+    }
+
+    fn take_idle(&self, stack: Option<String>, recently_used: bool) -> Result<Option<Lease>> {
         if self.is_closed() {
             return Err(self.closed_error());
         }
         let s = &self.shared;
-        let started = Instant::now();
-        let _runtime = s.runtime.enter();
-        let ctx = AcquireContext::new(started + s.config.acquire_timeout, true);
-        let zero = Timeouts {
-            wait: Some(Duration::ZERO),
-            create: Some(Duration::ZERO),
-            recycle: Some(Duration::ZERO),
-        };
         if s.pool.status().available == 0 {
             return Ok(None);
         }
-        let attempt = ACQUIRE.scope(ctx, s.pool.timeout_get(&zero)).now_or_never();
-        match attempt {
+        let started = Instant::now();
+        let _runtime = s.runtime.enter();
+        let ctx = AcquireContext::new(started + s.config.acquire_timeout, true);
+        // Zero wait takes deadpool's non-blocking path; no recycle timeout (recycle does not
+        // await when validation is skipped), so no timer is armed.
+        let no_wait = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: Some(Duration::ZERO),
+            recycle: None,
+        };
+        match ACQUIRE
+            .scope(ctx, s.pool.timeout_get(&no_wait))
+            .now_or_never()
+        {
             Some(Ok(object)) => {
+                if recently_used && object.last_returned.elapsed() >= manager::VALIDATION_GRACE {
+                    // Idle too long to hand out unchecked: back untouched, for a validated checkout.
+                    drop(object);
+                    return Ok(None);
+                }
                 s.recorder.gets.inc();
                 Ok(Some(self.lease(object, started, stack)))
             }
