@@ -14,8 +14,9 @@ export async function chartSvg(ratios: Ratio[], subtitle: string): Promise<strin
   // Both are ESM-only; this file is CommonJS.
   const vl = await import('vega-lite')
   const vega = await import('vega')
-  const values = ratios.map((r) => ({ ...r, label: `${r.ratio >= 10 ? r.ratio.toFixed(0) : r.ratio.toFixed(2)}×` }))
-  const comparisons = [...new Set(ratios.map((r) => r.comparison))]
+  // One row per bar: "comparison · vs peer", in the order given.
+  const values = ratios.map((r) => ({ ...r, row: `${r.comparison} · vs ${r.peer}`, label: `${r.ratio.toFixed(2)}×` }))
+  const rows = values.map((v) => v.row)
   const min = Math.min(0.5, ...ratios.map((r) => r.ratio)) / 3
   const max = Math.max(2, ...ratios.map((r) => r.ratio)) * 2
   const x = {
@@ -25,21 +26,20 @@ export async function chartSvg(ratios: Ratio[], subtitle: string): Promise<strin
     axis: { grid: true, values: [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100].filter((v) => v >= min && v <= max), format: '~g', labelExpr: "datum.label + '×'" },
     title: 'quartermaster ÷ peer (log scale; right of 1× favours quartermaster)',
   }
-  const y = { field: 'comparison', type: 'nominal' as const, sort: comparisons, title: null, axis: { labelLimit: 1000, labelFontSize: 11 } }
+  const y = { field: 'row', type: 'nominal' as const, sort: rows, title: null, axis: { labelLimit: 1000, labelFontSize: 11 } }
   const spec: TopLevelSpec = {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
     title: { text: 'quartermaster against each peer, same process run', subtitle, anchor: 'start', fontSize: 15 },
     width: 480,
-    height: { step: 26 },
+    height: { step: 20 },
     background: 'white',
     padding: 12,
     data: { values },
     layer: [
       {
-        mark: { type: 'bar', height: { band: 0.9 } },
+        mark: { type: 'bar', height: { band: 0.75 } },
         encoding: {
           y,
-          yOffset: { field: 'peer', type: 'nominal' },
           x,
           x2: { datum: 1 },
           color: { field: 'peer', type: 'nominal', title: 'peer', scale: { scheme: 'tableau10' }, legend: { orient: 'bottom', columns: 3 } },
@@ -49,12 +49,12 @@ export async function chartSvg(ratios: Ratio[], subtitle: string): Promise<strin
       {
         transform: [{ filter: 'datum.ratio >= 1' }],
         mark: { type: 'text', align: 'left', dx: 4, fontSize: 10 },
-        encoding: { y, yOffset: { field: 'peer', type: 'nominal' }, x, text: { field: 'label' } },
+        encoding: { y, x, text: { field: 'label' } },
       },
       {
         transform: [{ filter: 'datum.ratio < 1' }],
         mark: { type: 'text', align: 'right', dx: -4, fontSize: 10 },
-        encoding: { y, yOffset: { field: 'peer', type: 'nominal' }, x, text: { field: 'label' } },
+        encoding: { y, x, text: { field: 'label' } },
       },
       {
         data: { values: [{ one: 1 }] },

@@ -3,7 +3,8 @@
 // the seed scenarios; then benchmark/RESULTS.md, benchmark/results.svg and README's headline table.
 //   npm run bench                          full run; writes the results
 //   npm run bench -- --quick --no-write    CI short form (.ci/short-benchmarks): writes nothing
-//   npm run bench -- --only lease,metrics  a subset
+//   npm run bench -- --only lease,metrics  a subset (README left alone)
+//   npm run bench -- --chart-only          redraw results.svg from RESULTS.md
 // PostgreSQL from DATABASE_URL, else one throwaway embedded server shared by every benchmark.
 import { execFileSync, spawn } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
@@ -318,7 +319,28 @@ function updateReadme(head: Headline[]): boolean {
   return true
 }
 
+/** `--chart-only`: redraws results.svg from the headline and machine tables of RESULTS.md. */
+async function chartOnly(): Promise<void> {
+  const md = readFileSync(path.join(__dirname, 'RESULTS.md'), 'utf8')
+  const cells = (line: string) => line.split('|').slice(1, -1).map((c) => c.trim())
+  const machineValue = (what: string) => cells(md.split('\n').find((l) => l.startsWith(`| ${what} |`)) ?? '| | ? |')[1]
+  const headlineRows = md
+    .slice(md.indexOf('## Headline'))
+    .split('\n')
+    .filter((l) => /^\| \S.* \| \*\*[\d.]+×\*\* \|$/.test(l))
+    .map(cells)
+  const ratios: Ratio[] = headlineRows.map((c) => ({ comparison: chartLabel(c[0]), peer: c[3].replace(/ \(await acquire\)$/, ''), ratio: Number.parseFloat(c[5].replace(/\*/g, '')) }))
+  const svg = await chartSvg(ratios, subtitle(machineValue('date (UTC)'), machineValue('CPUs (nproc)'), machineValue('CPU model'), machineValue('Node.js')))
+  writeFileSync(path.join(__dirname, 'results.svg'), svg)
+  console.log(`wrote benchmark/results.svg from benchmark/RESULTS.md (${ratios.length} bars)`)
+}
+
+function subtitle(date: string, cpus: string, model: string, node: string): string {
+  return `${date.slice(0, 10)} · ${cpus} CPUs (${model}), shared machine · medians · Node ${node}`
+}
+
 async function main(): Promise<void> {
+  if (process.argv.includes('--chart-only')) return chartOnly()
   const started = performance.now()
   const scratch = mkdtempSync(path.join(os.tmpdir(), 'qm-bench-'))
   const db = await resolveDatabaseUrl()
@@ -336,8 +358,7 @@ async function main(): Promise<void> {
     console.log(headlineMarkdown(head))
     const machineRows = await machine(db.url, db.source)
     const ratios: Ratio[] = head.map((h) => ({ comparison: chartLabel(h.comparison), peer: h.peer.replace(/ \(await acquire\)$/, ''), ratio: h.ratio }))
-    const when = String(machineRows[0].value).slice(0, 10)
-    const svg = await chartSvg(ratios, `${when} · ${machineRows[1].value} CPUs (${machineRows[2].value}), shared machine · medians · Node ${process.version}`)
+    const svg = await chartSvg(ratios, subtitle(String(machineRows[0].value), String(machineRows[1].value), String(machineRows[2].value), process.version))
     if (write) {
       writeFileSync(path.join(__dirname, 'RESULTS.md'), results(outcomes, machineRows, head, totalS))
       writeFileSync(path.join(__dirname, 'results.svg'), svg)
