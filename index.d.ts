@@ -871,7 +871,7 @@ export interface PrometheusOptions {
 /** Rows of one statement. */
 export interface QueryResult {
   /** One object per row, keyed by column name. */
-  rows: Rows
+  rows: Array<Record<string, any>>
   /** Rows returned (or affected, for statements without a result set). */
   rowCount: number
   /** Column names, in order. */

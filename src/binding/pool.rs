@@ -65,6 +65,7 @@ pub struct PoolOptions {
 #[napi(object, object_from_js = false)]
 pub struct QueryResult {
     /// One object per row, keyed by column name.
+    #[napi(ts_type = "Array<Record<string, any>>")]
     pub rows: Rows,
     /// Rows returned (or affected, for statements without a result set).
     pub row_count: f64,
