@@ -220,13 +220,7 @@ where
 {
     let dispatcher = dispatcher(env)?;
     let raw_env = env.raw();
-    let mut deferred = ptr::null_mut();
-    let mut promise = ptr::null_mut();
-    if unsafe { sys::napi_create_promise(raw_env, &mut deferred, &mut promise) }
-        != sys::Status::napi_ok
-    {
-        return Err(napi::Error::from_reason("could not create a promise"));
-    }
+    let (deferred, promise) = new_promise(raw_env)?;
     LOCAL.with(|l| {
         if let Some(local) = l.borrow_mut().as_mut() {
             if local.pending == 0 {
@@ -251,19 +245,23 @@ where
     Ok((Box::new(complete), PromiseRaw::new(raw_env, promise)))
 }
 
+fn new_promise(env: sys::napi_env) -> napi::Result<(sys::napi_deferred, sys::napi_value)> {
+    let mut deferred = ptr::null_mut();
+    let mut promise = ptr::null_mut();
+    if unsafe { sys::napi_create_promise(env, &mut deferred, &mut promise) } != sys::Status::napi_ok
+    {
+        return Err(napi::Error::from_reason("could not create a promise"));
+    }
+    Ok((deferred, promise))
+}
+
 /// A promise settled already: for results ready on the main thread (no thread hop).
 pub(crate) fn resolved<'env, V: ToNapiValue>(
     env: &'env Env,
     value: V,
 ) -> napi::Result<PromiseRaw<'env, V>> {
     let raw_env = env.raw();
-    let mut deferred = ptr::null_mut();
-    let mut promise = ptr::null_mut();
-    if unsafe { sys::napi_create_promise(raw_env, &mut deferred, &mut promise) }
-        != sys::Status::napi_ok
-    {
-        return Err(napi::Error::from_reason("could not create a promise"));
-    }
+    let (deferred, promise) = new_promise(raw_env)?;
     match unsafe { V::to_napi_value(raw_env, value) } {
         Ok(js) => unsafe { sys::napi_resolve_deferred(raw_env, deferred, js) },
         Err(e) => unsafe { sys::napi_reject_deferred(raw_env, deferred, error_value(env, e)) },

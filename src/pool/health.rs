@@ -1,5 +1,6 @@
 //! What a pool reports about itself: status, metrics, health, sizing advice.
 
+pub use crate::metrics::health::HealthStatus;
 use crate::metrics::{Percentiles, PoolGauges, PoolRecorder};
 use crate::pool::config::PoolConfig;
 
@@ -65,23 +66,6 @@ impl PoolMetrics {
             acquire: r.acquire_latency.percentiles(),
             usage: r.usage_latency.percentiles(),
             query: r.query_latency.percentiles(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HealthStatus {
-    Healthy,
-    Degraded,
-    Unhealthy,
-}
-
-impl HealthStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HealthStatus::Healthy => "healthy",
-            HealthStatus::Degraded => "degraded",
-            HealthStatus::Unhealthy => "unhealthy",
         }
     }
 }
