@@ -913,7 +913,10 @@ export interface ThresholdLevels {
   critical: number
 }
 
-/** TLS settings for PostgreSQL (and `rediss://`). */
+/**
+ * TLS settings. PostgreSQL: every libpq mode. Redis (`rediss://` URLs): `verify-full`
+ * (default) or `require`.
+ */
 export interface TlsOptions {
   /** `disable` | `prefer` | `require` | `verify-ca` | `verify-full`. Default `verify-full` when `ca` is given. */
   mode?: string

@@ -44,6 +44,17 @@ describeWithRedis('ConnectionPool on Redis', () => {
     await pool.close()
   })
 
+  it('lets blocking commands wait longer than a short response timeout', async () => {
+    const pool = open({ url: redisUrl!, maxSize: 2 })
+    const started = Date.now()
+    const waiting = pool.command('BLPOP', [key('queue'), 1])
+    await new Promise((r) => setTimeout(r, 100))
+    await pool.command('RPUSH', [key('queue'), 'order-1'])
+    expect(await waiting).toEqual([key('queue'), 'order-1'])
+    expect(await pool.command('BLPOP', [key('queue'), 1])).toBeNull() // waited its full second
+    expect(Date.now() - started).toBeGreaterThanOrEqual(1000)
+  })
+
   it('reports server errors as QUERY_FAILED and keeps serving', async () => {
     const pool = open({ url: redisUrl!, maxSize: 1 })
     await pool.command('SET', [key('str'), 'x'])

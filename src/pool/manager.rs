@@ -117,14 +117,7 @@ impl Manager {
             Target::SqliteMemory => {
                 Connector::Sqlite(sqlite_memory.unwrap_or_else(SqliteTarget::memory))
             }
-            Target::Redis { url } => {
-                Connector::Redis(::redis::Client::open(url.as_str()).map_err(|e| {
-                    Error::invalid_argument(format!(
-                        "url is not a valid Redis URL ({:?})",
-                        e.kind()
-                    ))
-                })?)
-            }
+            Target::Redis { url } => Connector::Redis(redis::client(url, config.tls.as_ref())?),
         };
         Ok(Manager {
             config,

@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Value as RedisValue};
+use redis::{AsyncConnectionConfig, Client, TlsCertificates, Value as RedisValue};
 
 use crate::error::{Error, ErrorCode, Phase, Result};
+use crate::pool::tls::{TlsMode, TlsOptions};
 use crate::pool::value::Value;
 
 pub struct RedisConnection {
@@ -18,7 +19,11 @@ pub struct RedisConnection {
 }
 
 pub async fn connect(client: &Client, timeout: Duration) -> Result<RedisConnection> {
-    let config = AsyncConnectionConfig::new().set_connection_timeout(Some(timeout));
+    // No response timeout: blocking commands (BLPOP 30) legitimately wait; redis-rs's default
+    // of 500 ms would fail them. Lost connections still surface as errors.
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(None);
     let attempt = client.get_multiplexed_async_connection_with_config(&config);
     let conn = match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(conn)) => conn,
@@ -45,6 +50,46 @@ pub async fn connect(client: &Client, timeout: Duration) -> Result<RedisConnecti
         in_transaction: AtomicBool::new(false),
         tainted: AtomicBool::new(false),
     })
+}
+
+/// A client for `url`, trusting `tls.ca` when given. `tls.mode: 'require'` encrypts without
+/// verifying; `verify-full` (the default for `rediss://`) checks chain and host name.
+pub fn client(url: &str, tls: Option<&TlsOptions>) -> Result<Client> {
+    let invalid = |e: redis::RedisError| {
+        Error::invalid_argument(format!("url is not a valid Redis URL ({:?})", e.kind()))
+    };
+    let Some(tls) = tls else {
+        return Client::open(url).map_err(invalid);
+    };
+    if !url.starts_with("rediss://") {
+        return Err(Error::invalid_argument(
+            "tls options need a rediss:// URL for Redis",
+        ));
+    }
+    let url = match tls.mode {
+        TlsMode::VerifyFull => url.to_string(),
+        TlsMode::Require | TlsMode::Prefer => {
+            format!("{}#insecure", url.split('#').next().unwrap_or(url))
+        }
+        TlsMode::VerifyCa | TlsMode::Disable => {
+            return Err(Error::invalid_argument(
+                "tls.mode for Redis must be 'verify-full' or 'require'",
+            ))
+        }
+    };
+    match &tls.ca_pem {
+        Some(pem) => Client::build_with_tls(
+            url.as_str(),
+            TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone().into_bytes()),
+            },
+        )
+        .map_err(|e| {
+            Error::invalid_argument(format!("tls.ca cannot be used for Redis ({:?})", e.kind()))
+        }),
+        None => Client::open(url.as_str()).map_err(invalid),
+    }
 }
 
 pub fn is_permanent(err: &Error) -> bool {
