@@ -255,16 +255,21 @@ fn new_promise(env: sys::napi_env) -> napi::Result<(sys::napi_deferred, sys::nap
     Ok((deferred, promise))
 }
 
-/// A promise settled already: for results ready on the main thread (no thread hop).
-pub(crate) fn resolved<'env, V: ToNapiValue>(
+/// A promise settled already, for outcomes known on the main thread (no thread hop):
+/// `Ok` resolves, `Err` rejects with the coded JS error.
+pub(crate) fn settled<'env, V: ToNapiValue>(
     env: &'env Env,
-    value: V,
+    outcome: Result<V, Error>,
 ) -> napi::Result<PromiseRaw<'env, V>> {
     let raw_env = env.raw();
     let (deferred, promise) = new_promise(raw_env)?;
-    match unsafe { V::to_napi_value(raw_env, value) } {
-        Ok(js) => unsafe { sys::napi_resolve_deferred(raw_env, deferred, js) },
-        Err(e) => unsafe { sys::napi_reject_deferred(raw_env, deferred, error_value(env, e)) },
+    let js = match outcome {
+        Ok(value) => unsafe { V::to_napi_value(raw_env, value) }.map_err(|e| error_value(env, e)),
+        Err(err) => Err(error_value(env, js_error(env, err))),
+    };
+    match js {
+        Ok(value) => unsafe { sys::napi_resolve_deferred(raw_env, deferred, value) },
+        Err(error) => unsafe { sys::napi_reject_deferred(raw_env, deferred, error) },
     };
     Ok(PromiseRaw::new(raw_env, promise))
 }

@@ -8,7 +8,7 @@ mod models;
 mod pool;
 mod values;
 
-pub(crate) use completion::{promise, resolved, spawn};
+pub(crate) use completion::{promise, settled, spawn};
 pub(crate) use errors::js_error;
 
 /// The tokio runtime napi-rs runs async work on.

@@ -12,7 +12,7 @@ use napi_derive::napi;
 use super::completion::Complete;
 use super::metrics::{Metrics, MetricsLatency};
 use super::values::{self, Reply, Rows};
-use super::{js_error, promise, resolved, runtime, spawn};
+use super::{js_error, promise, runtime, settled, spawn};
 use crate::error::{Error, Result as CoreResult};
 use crate::metrics::Registry;
 use crate::pool::config::{Int8Mode, PoolConfig, PoolOptions as CoreOptions};
@@ -200,19 +200,10 @@ fn core_options(o: PoolOptions) -> CoreOptions {
     }
 }
 
-/// A rejected promise for input errors, so `.catch()` sees them like any other failure.
-fn reject<'e, V: napi::bindgen_prelude::ToNapiValue + 'static>(
-    env: &'e Env,
-    err: Error,
-) -> napi::Result<PromiseRaw<'e, V>> {
-    spawn(env, async move { Err::<(), _>(err) }, |_, ()| {
-        unreachable_value()
-    })
-}
-
+/// A statement's outcome of another kind than its method returns (a bug, never user input).
 fn unreachable_value<V>() -> napi::Result<V> {
     Err(napi::Error::from_reason(
-        "unreachable: a rejected operation produced a value",
+        "internal: the statement produced an outcome of another kind",
     ))
 }
 
@@ -297,7 +288,7 @@ fn send_query<'e>(
 ) -> napi::Result<PromiseRaw<'e, QueryResult>> {
     let params = match values::params_from_js(env, raw(&params)) {
         Ok(p) => p,
-        Err(e) => return reject(env, e),
+        Err(e) => return settled(env, Err(e)),
     };
     let int8 = to.int8();
     let (complete, promise) = promise(env, move |_, out: Outcome| Ok(rows(out.into_rows(), int8)))?;
@@ -313,7 +304,7 @@ fn send_execute<'e>(
 ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
     let params = match values::params_from_js(env, raw(&params)) {
         Ok(p) => p,
-        Err(e) => return reject(env, e),
+        Err(e) => return settled(env, Err(e)),
     };
     let (complete, promise) = promise(env, |_, out: Outcome| match out {
         Outcome::Done(d) => Ok(done(d)),
@@ -331,7 +322,7 @@ fn send_command<'e>(
 ) -> napi::Result<PromiseRaw<'e, Reply>> {
     let args = match values::params_from_js(env, raw(&args)) {
         Ok(a) => a,
-        Err(e) => return reject(env, e),
+        Err(e) => return settled(env, Err(e)),
     };
     let (complete, promise) = promise(env, |_, out: Outcome| match out {
         Outcome::Reply(v) => Ok(Reply(v)),
@@ -348,7 +339,7 @@ fn send_pipeline<'e>(
 ) -> napi::Result<PromiseRaw<'e, Reply>> {
     let commands = match pipeline_from_js(env, commands.raw()) {
         Ok(c) => c,
-        Err(e) => return reject(env, e),
+        Err(e) => return settled(env, Err(e)),
     };
     let (complete, promise) = promise(env, |_, out: Outcome| match out {
         Outcome::Replies(v) => Ok(Reply(Value::Array(v))),
@@ -471,9 +462,9 @@ impl ConnectionPool {
         // An idle connection used moments ago needs no validation: hand it out without
         // leaving the main thread.
         match self.pool.try_acquire_validated(stack.clone()) {
-            Ok(Some(lease)) => return resolved(env, PooledConnection::new(lease, self.int8)),
+            Ok(Some(lease)) => return settled(env, Ok(PooledConnection::new(lease, self.int8))),
             Ok(None) => {}
-            Err(e) => return reject(env, e),
+            Err(e) => return settled(env, Err(e)),
         }
         let pool = self.pool.clone();
         let int8 = self.int8;
@@ -638,9 +629,11 @@ impl ConnectionPool {
     ) -> napi::Result<PromiseRaw<'e, ()>> {
         let timeout_ms = options.and_then(|o| o.timeout_ms).unwrap_or(10_000.0);
         if !timeout_ms.is_finite() || timeout_ms < 0.0 {
-            return reject(
+            return settled(
                 env,
-                Error::invalid_argument("close timeoutMs must be a non-negative number"),
+                Err(Error::invalid_argument(
+                    "close timeoutMs must be a non-negative number",
+                )),
             );
         }
         self.pool.refuse_new_work();

@@ -49,8 +49,9 @@ impl Pool {
                 .spawn(async move { done(pool.run(&statement.borrow()).await) });
             return;
         }
+        let status = s.pool.status();
         let mut queue = s.queue.lock();
-        if self.queue_full(queue.jobs.len()) {
+        if self.queue_full(queue.jobs.len(), &status) {
             drop(queue);
             s.recorder.gets.inc();
             s.recorder.rejected.inc();
@@ -61,7 +62,7 @@ impl Pool {
             submitted: Instant::now(),
             done,
         });
-        let max = s.pool.status().max_size.max(1);
+        let max = status.max_size.max(1);
         let start_dispatcher = queue.dispatchers < max && queue.dispatchers < queue.jobs.len();
         if start_dispatcher {
             queue.dispatchers += 1;

@@ -122,9 +122,8 @@ impl Pool {
 
     /// True when a new caller would wait behind `maxWaiting` others. Callers that a free
     /// slot will serve (a connection still to be opened) are not counted as waiting.
-    pub(crate) fn queue_full(&self, queued: usize) -> bool {
+    pub(crate) fn queue_full(&self, queued: usize, st: &deadpool::Status) -> bool {
         let s = &self.shared;
-        let st = s.pool.status();
         if st.available > 0 {
             return false;
         }
@@ -149,7 +148,7 @@ impl Pool {
         s.recorder.gets.inc();
         let started = Instant::now();
         let queued = s.queue.lock().len();
-        if self.queue_full(queued) {
+        if self.queue_full(queued, &s.pool.status()) {
             s.recorder.rejected.inc();
             return Err(self.exhausted_error());
         }
@@ -315,13 +314,6 @@ impl Pool {
         match self.run(&Operation::Execute(sql, params)).await? {
             Outcome::Done(done) => Ok(done),
             other => Err(Error::internal(format!("execute produced {other:?}"))),
-        }
-    }
-
-    pub async fn command(&self, name: &str, args: &[Value]) -> Result<Value> {
-        match self.run(&Operation::Command(name, args)).await? {
-            Outcome::Reply(v) => Ok(v),
-            other => Err(Error::internal(format!("command produced {other:?}"))),
         }
     }
 

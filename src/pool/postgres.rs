@@ -20,9 +20,25 @@ const STATEMENT_CACHE_SIZE: usize = 256;
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
+/// A prepared statement and the column names every result of it shares.
+#[derive(Clone)]
+struct Prepared {
+    statement: Statement,
+    columns: Arc<[String]>,
+}
+
+fn column_names(statement: &Statement) -> Arc<[String]> {
+    statement
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect()
+}
+
 pub struct PgConnection {
     client: Client,
-    statements: parking_lot::Mutex<HashMap<Arc<str>, Statement>>,
+    /// Prepared statements with their column names, so a query allocates no names.
+    statements: parking_lot::Mutex<HashMap<Arc<str>, Prepared>>,
     statement_cache: bool,
 }
 
@@ -155,45 +171,57 @@ impl PgConnection {
             .map_err(query_error)
     }
 
-    async fn statement(&self, sql: &str) -> Result<Statement> {
-        if let Some(stmt) = self.statements.lock().get(sql) {
-            return Ok(stmt.clone());
+    async fn statement(&self, sql: &str) -> Result<Prepared> {
+        if let Some(prepared) = self.statements.lock().get(sql) {
+            return Ok(prepared.clone());
         }
-        let stmt = self.client.prepare(sql).await.map_err(query_error)?;
+        let statement = self.client.prepare(sql).await.map_err(query_error)?;
+        let prepared = Prepared {
+            columns: column_names(&statement),
+            statement,
+        };
         let mut cache = self.statements.lock();
         if cache.len() >= STATEMENT_CACHE_SIZE {
             cache.clear();
         }
-        cache.insert(Arc::from(sql), stmt.clone());
-        Ok(stmt)
+        cache.insert(Arc::from(sql), prepared.clone());
+        Ok(prepared)
     }
 
-    async fn rows(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
+    /// Rows of one statement and its column names.
+    async fn rows(&self, sql: &str, params: &[Value]) -> Result<(Vec<Row>, Arc<[String]>)> {
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         if self.statement_cache {
-            let stmt = self.statement(sql).await?;
-            check_arity(stmt.params().len(), params.len())?;
-            self.client.query(&stmt, &refs).await.map_err(query_error)
+            let prepared = self.statement(sql).await?;
+            check_arity(prepared.statement.params().len(), params.len())?;
+            let rows = self
+                .client
+                .query(&prepared.statement, &refs)
+                .await
+                .map_err(query_error)?;
+            Ok((rows, prepared.columns))
         } else {
             // No named statements: one Parse/Bind/Execute/Sync, safe behind PgBouncer transaction mode.
             let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
                 .iter()
                 .map(|p| (p as &(dyn ToSql + Sync), inferred_type(p)))
                 .collect();
-            self.client
+            let rows = self
+                .client
                 .query_typed(sql, &typed)
                 .await
-                .map_err(query_error)
+                .map_err(query_error)?;
+            let columns = match rows.first() {
+                Some(r) => r.columns().iter().map(|c| c.name().to_string()).collect(),
+                None => Arc::from(Vec::new()),
+            };
+            Ok((rows, columns))
         }
     }
 
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
-        let rows = self.rows(sql, params).await?;
-        let columns: Arc<[String]> = match rows.first() {
-            Some(r) => r.columns().iter().map(|c| c.name().to_string()).collect(),
-            None => self.column_names(sql).await,
-        };
+        let (rows, columns) = self.rows(sql, params).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut cells = Vec::with_capacity(row.len());
@@ -215,29 +243,18 @@ impl PgConnection {
         })
     }
 
-    async fn column_names(&self, sql: &str) -> Arc<[String]> {
-        match self.statements.lock().get(sql) {
-            Some(stmt) => stmt
-                .columns()
-                .iter()
-                .map(|c| c.name().to_string())
-                .collect(),
-            None => Arc::from(Vec::new()),
-        }
-    }
-
     pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let row_count = if self.statement_cache {
-            let stmt = self.statement(sql).await?;
-            check_arity(stmt.params().len(), params.len())?;
+            let prepared = self.statement(sql).await?;
+            check_arity(prepared.statement.params().len(), params.len())?;
             self.client
-                .execute(&stmt, &refs)
+                .execute(&prepared.statement, &refs)
                 .await
                 .map_err(query_error)?
         } else {
-            self.rows(sql, params).await?.len() as u64
+            self.rows(sql, params).await?.0.len() as u64
         };
         Ok(ExecuteResult {
             row_count,
