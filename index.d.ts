@@ -145,10 +145,10 @@ export declare class MetricsReporter {
 }
 
 /**
- * A handle to a model in a `ModelCache`. It does not keep the model resident: once evicted,
- * calls fail with `MODEL_EVICTED` (a prediction already running finishes first) until
- * `reload()` is asked for. Release it with `release()` or `using`; a collected handle is
- * released too.
+ * A handle to a model in a `ModelCache`. It keeps its cache alive but not the model resident:
+ * once evicted, calls fail with `MODEL_EVICTED` (a prediction already running finishes first)
+ * until `reload()` is asked for. Release it with `release()` or `using`; a collected handle
+ * is released too.
  */
 export declare class Model {
   /** The id it was loaded under. */

@@ -225,6 +225,24 @@ describe('ModelCache: concurrency, ownership and GC', () => {
     expect(cache.get('dropped')!.predictSync(new Float32Array(8)).length).toBe(1)
   })
 
+  it('a handle keeps its cache alive: the cache object collected, the model still runs', async () => {
+    const collected: string[] = []
+    const registry = new FinalizationRegistry<string>((what) => collected.push(what))
+    const model = await (async () => {
+      const cache = cpu()
+      registry.register(cache, 'cache')
+      return cache.load('orphan', path.join(ROOT, 'models/sample-mlp.safetensors'))
+    })()
+    const expected = Buffer.from(model.predictSync(new Float32Array(8)).buffer)
+    for (let i = 0; i < 10 && collected.length === 0; i++) await collect()
+    expect(collected).toEqual(['cache']) // the JS object is gone…
+    expect(model.resident).toBe(true) // …its models are not
+    expect(Buffer.from((await model.predict(new Float32Array(8))).buffer).equals(expected)).toBe(true)
+    expect(model.memoryUsage().modelDataBytes).toBeGreaterThan(0)
+    model.release()
+    expect(model.resident).toBe(false)
+  })
+
   it('an evicted model with a handle held: in-flight call finishes, memory goes to zero, then MODEL_EVICTED', async () => {
     const file = exportMlp('evict', 6, [64, 256, 256, 1], ['relu', 'relu', 'none'])
     const cache = cpu()

@@ -312,6 +312,7 @@ impl ModelCache {
         source: Unknown,
     ) -> napi::Result<PromiseRaw<'env, Model>> {
         let external = Arc::clone(&self.external);
+        let owner = self.core.clone();
         let ttl = self.core.ttl();
         let load = model_id(&id).and_then(|id| Ok(self.core.load(id, model_source(&source)?)));
         spawn(
@@ -324,7 +325,7 @@ impl ModelCache {
             },
             move |env, handle: ModelHandle| {
                 external.sync(env, handle.cache_memory_usage());
-                Ok(Model::new(handle, external, ttl))
+                Ok(Model::new(handle, owner, external, ttl))
             },
         )
     }
@@ -333,10 +334,14 @@ impl ModelCache {
     #[napi(ts_args_type = "id: string")]
     pub fn get(&self, env: Env, id: Unknown) -> napi::Result<Option<Model>> {
         let id = model_id(&id).map_err(|e| js_error(&env, e))?;
-        Ok(self
-            .core
-            .get(&id)
-            .map(|h| Model::new(h, Arc::clone(&self.external), self.core.ttl())))
+        Ok(self.core.get(&id).map(|h| {
+            Model::new(
+                h,
+                self.core.clone(),
+                Arc::clone(&self.external),
+                self.core.ttl(),
+            )
+        }))
     }
 
     /// Evicts `id` now; its memory is freed when its in-flight predictions end. Handles to it
@@ -412,28 +417,36 @@ impl ModelCache {
 
 impl ObjectFinalize for ModelCache {
     fn finalize(self, env: Env) -> napi::Result<()> {
-        // The cache owns its models: dropping it frees every one not in flight.
+        // The cache owns its models. Model handles still reachable from JS keep it alive;
+        // once the last owner lets go, every model not in flight is freed.
         let ModelCache { core, external } = self;
-        drop(core);
-        external.sync(&env, MemoryUsage::default());
+        external.sync(&env, core.release());
         Ok(())
     }
 }
 
-/// A handle to a model in a `ModelCache`. It does not keep the model resident: once evicted,
-/// calls fail with `MODEL_EVICTED` (a prediction already running finishes first) until
-/// `reload()` is asked for. Release it with `release()` or `using`; a collected handle is
-/// released too.
+/// A handle to a model in a `ModelCache`. It keeps its cache alive but not the model resident:
+/// once evicted, calls fail with `MODEL_EVICTED` (a prediction already running finishes first)
+/// until `reload()` is asked for. Release it with `release()` or `using`; a collected handle
+/// is released too.
 #[napi(custom_finalize)]
 pub struct Model {
     handle: Option<ModelHandle>,
+    /// Keeps the cache (not the model) alive while the handle is: `(await new
+    /// ModelCache().load(…))` must not see its model freed when the cache object is collected.
+    cache: Option<core::ModelCache>,
     info: core::ModelInfo,
     external: Arc<ExternalMemory>,
     _live: Option<LiveToken>,
 }
 
 impl Model {
-    fn new(handle: ModelHandle, external: Arc<ExternalMemory>, ttl: Option<Duration>) -> Model {
+    fn new(
+        handle: ModelHandle,
+        cache: core::ModelCache,
+        external: Arc<ExternalMemory>,
+        ttl: Option<Duration>,
+    ) -> Model {
         let info = handle.info().clone();
         let live = Registry::global().live.track(LiveResource {
             kind: "model",
@@ -444,6 +457,7 @@ impl Model {
         });
         Model {
             handle: Some(handle),
+            cache: Some(cache),
             info,
             external,
             _live: Some(live),
@@ -566,6 +580,7 @@ impl Model {
     #[napi(catch_unwind, ts_return_type = "Promise<Model>")]
     pub fn reload<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, Model>> {
         let reload = self.handle().and_then(ModelHandle::reload);
+        let owner = self.cache.clone();
         let external = Arc::clone(&self.external);
         let ttl = self.handle.as_ref().and_then(|h| h.cache_ttl());
         spawn(
@@ -578,7 +593,9 @@ impl Model {
             },
             move |env, handle: ModelHandle| {
                 external.sync(env, handle.cache_memory_usage());
-                Ok(Model::new(handle, external, ttl))
+                // A handle that could reload is unreleased, and so still holds its cache.
+                let owner = owner.ok_or_else(|| napi::Error::from_reason("handle was released"))?;
+                Ok(Model::new(handle, owner, external, ttl))
             },
         )
     }
@@ -596,9 +613,11 @@ impl Model {
     /// Releases the handle (idempotent). The model stays in the cache for other callers.
     #[napi]
     pub fn release(&mut self, env: Env) {
-        if let Some(h) = self.handle.take() {
+        if self.handle.take().is_some() {
             self._live = None;
-            self.external.sync(&env, h.cache_memory_usage());
+        }
+        if let Some(cache) = self.cache.take() {
+            self.external.sync(&env, cache.release());
         }
     }
 

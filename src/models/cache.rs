@@ -471,6 +471,16 @@ impl ModelCache {
         self.inner.accounting.usage()
     }
 
+    /// Gives up this owner of the cache and returns what the cache still holds: zero when
+    /// this was the last owner and every model has been freed.
+    pub fn release(self) -> MemoryUsage {
+        let weak = Arc::downgrade(&self.inner);
+        drop(self);
+        weak.upgrade()
+            .map(|c| c.accounting.usage())
+            .unwrap_or_default()
+    }
+
     /// `(free, total)` device memory when the cache runs on a GPU.
     pub fn device_memory(&self) -> Option<Result<(usize, usize)>> {
         match &self.inner.device {
