@@ -20,6 +20,14 @@ export declare class ConnectionPool {
    * The pool reports into `metrics`, or into `Metrics.global()` when none is given.
    */
   constructor(options: PoolOptions, metrics?: Metrics | undefined | null)
+  /**
+   * The pool shared process-wide under `options.name` (required), created on the first
+   * call: every `worker_thread` asking with the same name and options uses the same
+   * connections, so N workers do not open N pools. Asking again with other options (or
+   * another `metrics`) is `INVALID_ARGUMENT`. `close()` lets go of this handle; the pool
+   * drains and closes when its last handle is closed or collected.
+   */
+  static shared(options: PoolOptions, metrics?: Metrics | undefined | null): ConnectionPool
   /** The pool's label in metrics (made unique per process). */
   get name(): string
   /** `postgres`, `sqlite` or `redis`. */
@@ -28,8 +36,11 @@ export declare class ConnectionPool {
   query(sql: string, params?: unknown[]): Promise<QueryResult>
   /** Runs one statement for its effect and returns the rows affected. */
   execute(sql: string, params?: unknown[]): Promise<ExecuteResult>
-  /** Redis: runs one command, e.g. `command('SET', ['k', 'v'])`. */
-  command(name: string, args?: Array<string | number | bigint | Buffer>): Promise<unknown>
+  /**
+   * Redis: runs one command, e.g. `command('SET', 'k', 'v')`; the arguments may also come
+   * as one array, `command('SET', ['k', 'v'])`.
+   */
+  command(name: string, ...args: Array<string | number | bigint | Buffer> | [Array<string | number | bigint | Buffer>]): Promise<unknown>
   /** Redis: sends several commands in one round trip, e.g. `pipeline([['SET','k','v'], ['GET','k']])`. */
   pipeline(commands: Array<[string, ...Array<string | number | bigint | Buffer>]>): Promise<unknown[]>
   /**
@@ -63,7 +74,8 @@ export declare class ConnectionPool {
   resize(maxSize: number): void
   /**
    * Refuses new work, lets queued and running work finish within `timeoutMs`
-   * (default 10 000), then closes every connection.
+   * (default 10 000), then closes every connection. On a shared pool it closes this
+   * handle, and the pool itself only when this was its last open handle.
    */
   close(options?: CloseOptions | undefined | null): Promise<void>
 }
@@ -204,6 +216,14 @@ export declare class ModelCache {
    * with `'auto'` it falls back to the CPU (see `device`).
    */
   constructor(options?: ModelCacheOptions | undefined | null)
+  /**
+   * The cache shared process-wide under `options.name` (required), created on the first
+   * call: every `worker_thread` asking with the same name and options gets the same
+   * models, so N workers do not hold N copies of the weights. Asking with other options is
+   * `INVALID_ARGUMENT`. Its native bytes are reported to the V8 heap of the thread that
+   * created it.
+   */
+  static shared(options: ModelCacheOptions): ModelCache
   /** `'cpu'` or `'cuda:N'`: where every model of this cache runs. */
   get device(): string
   /**
@@ -243,8 +263,11 @@ export declare class PooledConnection {
   query(sql: string, params?: unknown[]): Promise<QueryResult>
   /** Runs one statement for its effect on this connection. */
   execute(sql: string, params?: unknown[]): Promise<ExecuteResult>
-  /** Redis: runs one command on this connection. */
-  command(name: string, args?: Array<string | number | bigint | Buffer>): Promise<unknown>
+  /**
+   * Redis: runs one command on this connection, e.g. `command('INCR', 'k')` (or with the
+   * arguments as one array).
+   */
+  command(name: string, ...args: Array<string | number | bigint | Buffer> | [Array<string | number | bigint | Buffer>]): Promise<unknown>
   /** Redis: several commands in one round trip on this connection. */
   pipeline(commands: Array<[string, ...Array<string | number | bigint | Buffer>]>): Promise<unknown[]>
   /** True once released; further calls fail with `POOL_CLOSED`. */

@@ -5,6 +5,7 @@ pub mod error;
 pub mod metrics;
 pub mod models;
 pub mod pool;
+pub mod shared;
 
 #[cfg(feature = "napi")]
 mod binding;

@@ -112,13 +112,17 @@ pub struct DeviceMemory {
 
 /// Native bytes reported to V8 for one cache, reconciled whenever an env is at hand so GC
 /// pressure follows what the cache really holds.
-#[derive(Default)]
 struct ExternalMemory {
     reported: AtomicI64,
+    /// False for a handle to a shared cache made on another thread.
+    enabled: bool,
 }
 
 impl ExternalMemory {
     fn sync(&self, env: &Env, actual: MemoryUsage) {
+        if !self.enabled {
+            return;
+        }
         let actual = actual.total_bytes.min(i64::MAX as u64) as i64;
         let before = self.reported.swap(actual, Ordering::AcqRel);
         if actual != before {
@@ -263,6 +267,25 @@ fn config(options: Option<ModelCacheOptions>) -> CoreResult<CacheConfig> {
     })
 }
 
+impl ModelCache {
+    /// Wraps a core cache; `created` starts its sweep and reports its bytes to this thread's
+    /// V8 heap (a shared cache is reported once, by the thread that made it).
+    fn started(cache: core::ModelCache, created: bool) -> Self {
+        if created {
+            if let Some(sweep) = cache.sweeper() {
+                napi::bindgen_prelude::spawn(sweep);
+            }
+        }
+        ModelCache {
+            core: cache,
+            external: Arc::new(ExternalMemory {
+                reported: AtomicI64::new(0),
+                enabled: created,
+            }),
+        }
+    }
+}
+
 /// A cache of neural models in host or GPU memory: the one owner of their memory. Models are
 /// evicted least-recently-used first when `maxModels` or `maxBytes` would be exceeded, expire
 /// after `ttlMs` unused, and are freed as soon as their in-flight predictions end.
@@ -281,13 +304,24 @@ impl ModelCache {
         let cache = config(options)
             .and_then(core::ModelCache::new)
             .map_err(|e| js_error(&env, e))?;
-        if let Some(sweep) = cache.sweeper() {
-            napi::bindgen_prelude::spawn(sweep);
+        Ok(ModelCache::started(cache, true))
+    }
+
+    /// The cache shared process-wide under `options.name` (required), created on the first
+    /// call: every `worker_thread` asking with the same name and options gets the same
+    /// models, so N workers do not hold N copies of the weights. Asking with other options is
+    /// `INVALID_ARGUMENT`. Its native bytes are reported to the V8 heap of the thread that
+    /// created it.
+    #[napi(factory, catch_unwind)]
+    pub fn shared(env: Env, options: ModelCacheOptions) -> napi::Result<Self> {
+        let (cache, created) = match options.name {
+            Some(_) => config(Some(options)).and_then(core::ModelCache::shared),
+            None => Err(Error::invalid_argument(
+                "a shared model cache needs options.name",
+            )),
         }
-        Ok(ModelCache {
-            core: cache,
-            external: Arc::default(),
-        })
+        .map_err(|e| js_error(&env, e))?;
+        Ok(ModelCache::started(cache, created))
     }
 
     /// `'cpu'` or `'cuda:N'`: where every model of this cache runs.

@@ -5,7 +5,7 @@ use std::ptr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use napi::bindgen_prelude::{JsObjectValue, PromiseRaw, Unknown};
+use napi::bindgen_prelude::{FnArgs, Function, JsObjectValue, Object, PromiseRaw, Unknown};
 use napi::{sys, Env, JsValue};
 use napi_derive::napi;
 
@@ -174,6 +174,19 @@ pub struct CloseOptions {
 pub struct ConnectionPool {
     pool: Pool,
     int8: Int8Mode,
+    /// Set for a handle from `ConnectionPool.shared`.
+    claim: Option<pool::SharedPool>,
+}
+
+impl ConnectionPool {
+    /// `POOL_CLOSED` once this handle is closed, even while other holders of a shared pool
+    /// keep it open.
+    fn check_open(&self) -> CoreResult<()> {
+        match &self.claim {
+            Some(claim) if claim.is_released() => Err(self.pool.closed_error()),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn core_options(o: PoolOptions) -> CoreOptions {
@@ -258,7 +271,10 @@ impl Runner for ConnectionPool {
     }
 
     fn send(&self, statement: Statement, complete: Complete<Outcome>) {
-        self.pool.submit(statement, complete);
+        match self.check_open() {
+            Ok(()) => self.pool.submit(statement, complete),
+            Err(e) => complete(Err(e)),
+        }
     }
 }
 
@@ -383,7 +399,28 @@ impl ConnectionPool {
             runtime(),
         )
         .map_err(|e| js_error(&env, e))?;
-        Ok(ConnectionPool { pool, int8 })
+        Ok(ConnectionPool {
+            pool,
+            int8,
+            claim: None,
+        })
+    }
+
+    /// The pool shared process-wide under `options.name` (required), created on the first
+    /// call: every `worker_thread` asking with the same name and options uses the same
+    /// connections, so N workers do not open N pools. Asking again with other options (or
+    /// another `metrics`) is `INVALID_ARGUMENT`. `close()` lets go of this handle; the pool
+    /// drains and closes when its last handle is closed or collected.
+    #[napi(factory)]
+    pub fn shared(env: Env, options: PoolOptions, metrics: Option<&Metrics>) -> napi::Result<Self> {
+        let registry = metrics.map_or_else(Registry::global, |m| Arc::clone(&m.registry));
+        let claim = pool::SharedPool::claim(core_options(options), registry, runtime())
+            .map_err(|e| js_error(&env, e))?;
+        Ok(ConnectionPool {
+            pool: claim.pool().clone(),
+            int8: claim.pool().config().int8,
+            claim: Some(claim),
+        })
     }
 
     /// The pool's label in metrics (made unique per process).
@@ -426,9 +463,10 @@ impl ConnectionPool {
         send_execute(self, env, sql, params)
     }
 
-    /// Redis: runs one command, e.g. `command('SET', ['k', 'v'])`.
+    /// Redis: runs one command, e.g. `command('SET', 'k', 'v')`; the arguments may also come
+    /// as one array, `command('SET', ['k', 'v'])`.
     #[napi(
-        ts_args_type = "name: string, args?: Array<string | number | bigint | Buffer>",
+        ts_args_type = "name: string, ...args: Array<string | number | bigint | Buffer> | [Array<string | number | bigint | Buffer>]",
         ts_return_type = "Promise<unknown>"
     )]
     pub fn command<'e>(
@@ -458,6 +496,9 @@ impl ConnectionPool {
     /// finds unreleased is rolled back, returned and counted in `leakedLeases`.
     #[napi(ts_return_type = "Promise<PooledConnection>")]
     pub fn acquire<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, PooledConnection>> {
+        if let Err(e) = self.check_open() {
+            return settled(env, Err(e));
+        }
         let stack = capture_stack(env, !self.pool.config().leak_detection.is_zero());
         // An idle connection used moments ago needs no validation: hand it out without
         // leaving the main thread.
@@ -478,6 +519,7 @@ impl ConnectionPool {
     /// An idle connection right now, or `null`. Never waits, connects or validates.
     #[napi]
     pub fn try_acquire(&self, env: Env) -> napi::Result<Option<PooledConnection>> {
+        self.check_open().map_err(|e| js_error(&env, e))?;
         let stack = capture_stack(&env, !self.pool.config().leak_detection.is_zero());
         match self.pool.try_acquire(stack) {
             Ok(lease) => Ok(lease.map(|l| PooledConnection::new(l, self.int8))),
@@ -616,11 +658,14 @@ impl ConnectionPool {
         } else {
             0
         };
-        self.pool.resize(size).map_err(|e| js_error(&env, e))
+        self.check_open()
+            .and_then(|()| self.pool.resize(size))
+            .map_err(|e| js_error(&env, e))
     }
 
     /// Refuses new work, lets queued and running work finish within `timeoutMs`
-    /// (default 10 000), then closes every connection.
+    /// (default 10 000), then closes every connection. On a shared pool it closes this
+    /// handle, and the pool itself only when this was its last open handle.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close<'e>(
         &self,
@@ -635,6 +680,11 @@ impl ConnectionPool {
                     "close timeoutMs must be a non-negative number",
                 )),
             );
+        }
+        if let Some(claim) = &self.claim {
+            if !claim.release() {
+                return settled(env, Ok(()));
+            }
         }
         self.pool.refuse_new_work();
         let pool = self.pool.clone();
@@ -695,6 +745,30 @@ fn transaction_helper(env: &Env) -> napi::Result<sys::napi_value> {
     unsafe { sys::napi_create_reference(raw_env, function.raw(), 1, &mut reference) };
     TRANSACTION_HELPER.with(|c| c.set(Some((raw_env, reference))));
     Ok(function.raw())
+}
+
+/// Gives both classes a variadic `command(name, ...args)`. napi-rs methods take a fixed
+/// number of arguments, so the native method receives the rest as one array; a single array
+/// argument (never a valid Redis argument itself) is passed through as the list.
+#[cfg_attr(test, allow(dead_code))] // napi's module registration is left out of unit tests
+const VARIADIC_COMMAND_JS: &str = r#"(function variadicCommand(...classes) {
+  for (const cls of classes) {
+    const native = cls.prototype.command;
+    cls.prototype.command = function command(name, ...args) {
+      return native.call(this, name, args.length === 1 && Array.isArray(args[0]) ? args[0] : args);
+    };
+  }
+})"#;
+
+#[cfg_attr(test, allow(dead_code))]
+#[napi(module_exports)]
+pub fn install_variadic_command(exports: Object, env: Env) -> napi::Result<()> {
+    let install: Function<'_, FnArgs<(Unknown<'_>, Unknown<'_>)>, Unknown<'_>> =
+        env.run_script(VARIADIC_COMMAND_JS)?;
+    let pool: Unknown = exports.get_named_property("ConnectionPool")?;
+    let lease: Unknown = exports.get_named_property("PooledConnection")?;
+    install.call((pool, lease).into())?;
+    Ok(())
 }
 
 /// A connection checked out of a pool. Use `release()` (or `using` / `await using`);
@@ -762,9 +836,10 @@ impl PooledConnection {
         send_execute(self, env, sql, params)
     }
 
-    /// Redis: runs one command on this connection.
+    /// Redis: runs one command on this connection, e.g. `command('INCR', 'k')` (or with the
+    /// arguments as one array).
     #[napi(
-        ts_args_type = "name: string, args?: Array<string | number | bigint | Buffer>",
+        ts_args_type = "name: string, ...args: Array<string | number | bigint | Buffer> | [Array<string | number | bigint | Buffer>]",
         ts_return_type = "Promise<unknown>"
     )]
     pub fn command<'e>(

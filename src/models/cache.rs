@@ -23,9 +23,10 @@ use crate::models::cuda::CudaModel;
 use crate::models::device::{Device, DeviceRequest};
 use crate::models::format::{ModelFile, ModelSpec};
 use crate::models::memory::{Accounting, Bucket, Ledger, MemoryUsage, TensorCache};
+use crate::shared::{Directory, Shareable};
 
 /// Cache settings; see `ModelCacheOptions` in the binding for their documentation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     /// Label in metrics.
     pub name: String,
@@ -129,7 +130,7 @@ struct State {
     resident_bytes: u64,
 }
 
-struct CacheInner {
+pub(crate) struct CacheInner {
     config: CacheConfig,
     device: Device,
     state: Mutex<State>,
@@ -143,6 +144,22 @@ struct CacheInner {
 #[derive(Clone)]
 pub struct ModelCache {
     inner: Arc<CacheInner>,
+}
+
+impl Shareable for ModelCache {
+    type Weak = Weak<CacheInner>;
+
+    fn downgrade(&self) -> Self::Weak {
+        Arc::downgrade(&self.inner)
+    }
+
+    fn upgrade(weak: &Self::Weak) -> Option<Self> {
+        weak.upgrade().map(|inner| ModelCache { inner })
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
 }
 
 /// A caller's reference to a model: does not keep it resident.
@@ -315,6 +332,17 @@ impl ModelCache {
     /// A cache reporting into the global metrics registry.
     pub fn new(config: CacheConfig) -> Result<ModelCache> {
         ModelCache::with_registry(config, &Registry::global())
+    }
+
+    /// The cache shared process-wide (across `worker_threads`) as `config.name`, made from
+    /// `config` if none is alive; true when this call made it. A live one asked for with
+    /// other settings is `INVALID_ARGUMENT`. It lives while any holder (a cache or model
+    /// handle) does.
+    pub fn shared(config: CacheConfig) -> Result<(ModelCache, bool)> {
+        static SHARED: Directory<ModelCache, CacheConfig> = Directory::new("model cache");
+        let name = config.name.clone();
+        let claimed = SHARED.claim(&name, config.clone(), || ModelCache::new(config))?;
+        Ok((claimed.object, claimed.created))
     }
 
     pub fn with_registry(config: CacheConfig, registry: &Registry) -> Result<ModelCache> {

@@ -63,7 +63,7 @@ pub struct PoolConfig {
 pub const MAX_POOL_SIZE: usize = 10_000;
 
 /// Options as given by the caller; `None` takes the documented default.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolOptions {
     pub url: String,
     pub max_size: Option<f64>,

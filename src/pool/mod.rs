@@ -32,6 +32,7 @@ pub use value::{ExecuteResult, QueryResult, Value};
 
 use crate::error::{Error, ErrorCode, Phase, Result};
 use crate::metrics::{LiveResource, PoolGauges, PoolRecorder, Registry};
+use crate::shared::{Directory, Shareable};
 use manager::{AcquireContext, Manager, ACQUIRE};
 use sqlite::SqliteTarget;
 
@@ -407,6 +408,77 @@ impl Pool {
         self.shared.pool.close();
         self.shared._memory_anchor.lock().take();
         Ok(())
+    }
+}
+
+impl Shareable for Pool {
+    type Weak = Weak<PoolShared>;
+
+    fn downgrade(&self) -> Self::Weak {
+        Arc::downgrade(&self.shared)
+    }
+
+    fn upgrade(weak: &Self::Weak) -> Option<Self> {
+        weak.upgrade().map(|shared| Pool { shared })
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    fn is_usable(&self) -> bool {
+        !self.is_closed()
+    }
+}
+
+/// Pools shared by name, with the options (and the metrics registry) they were made with.
+static SHARED_POOLS: Directory<Pool, (PoolOptions, usize)> = Directory::new("pool");
+
+/// One holder's claim on a pool shared by name across the process's `worker_threads`.
+/// The pool closes when its last claim is released (or every holder is gone).
+pub struct SharedPool {
+    pool: Pool,
+    name: String,
+    released: AtomicBool,
+}
+
+impl SharedPool {
+    /// The pool shared as `options.name`, built from `options` if none is open. Asking for
+    /// an open one with other options (or another registry) is `INVALID_ARGUMENT`.
+    pub fn claim(options: PoolOptions, registry: Arc<Registry>, runtime: Handle) -> Result<Self> {
+        let name = options
+            .name
+            .clone()
+            .ok_or_else(|| Error::invalid_argument("a shared pool needs options.name"))?;
+        let settings = (options.clone(), Arc::as_ptr(&registry) as usize);
+        let claimed = SHARED_POOLS.claim(&name, settings, || {
+            Pool::new(PoolConfig::from_options(options)?, registry, runtime)
+        })?;
+        Ok(SharedPool {
+            pool: claimed.object,
+            name,
+            released: AtomicBool::new(false),
+        })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Lets go of this claim (once). True when it was the last: the caller closes the pool.
+    pub fn release(&self) -> bool {
+        !self.released.swap(true, Ordering::AcqRel) && SHARED_POOLS.release(&self.name, &self.pool)
+    }
+}
+
+impl Drop for SharedPool {
+    fn drop(&mut self) {
+        // A collected holder: the pool itself goes when its last `Pool` clone does.
+        self.release();
     }
 }
 
