@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use napi::bindgen_prelude::{
-    AsyncTask, Float32ArraySlice, ObjectFinalize, PromiseRaw, Uint8ArraySlice, Unknown,
+    Float32ArraySlice, ObjectFinalize, PromiseRaw, ToNapiValue, TypeName, Uint8ArraySlice, Unknown,
 };
-use napi::{Env, ScopedTask, ValueType};
+use napi::{sys, Env, JsValue, ValueType};
 use napi_derive::napi;
 
 use crate::error::{Error, Result as CoreResult};
@@ -17,7 +17,7 @@ use crate::models::{
     self as core, CacheConfig, DeviceRequest, MemoryUsage, ModelHandle, ModelSource,
 };
 
-use super::{js_error, spawn};
+use super::{js_error, promise, settled, spawn};
 
 /// Settings for a `ModelCache`. Every field is optional.
 #[napi(object)]
@@ -572,19 +572,36 @@ impl Model {
         ts_args_type = "input: Float32Array, options?: PredictOptions | undefined | null",
         ts_return_type = "Promise<Float32Array>"
     )]
-    pub fn predict(
+    pub fn predict<'env>(
         &self,
+        env: &'env Env,
         input: Unknown,
         options: Option<PredictOptions>,
-    ) -> AsyncTask<PredictTask> {
-        // The input is copied into the model's workspace here, on the main thread; the task
-        // owns everything it touches and runs on the libuv pool.
-        AsyncTask::new(PredictTask {
-            prepared: self.start(&input, options),
-            error: None,
-            external: Arc::clone(&self.external),
-            handle: self.handle.clone(),
-        })
+    ) -> napi::Result<PromiseRaw<'env, PredictOutput>> {
+        // The input is copied into the model's workspace here, on the main thread; the job
+        // owns everything it touches (nothing borrowed from a JS object) and runs on rayon's
+        // pool, whose idle threads spin briefly before sleeping, so back-to-back calls skip
+        // the wake-up a libuv work item pays. The result settles through the batched
+        // completion queue.
+        let prepared = match self.start(&input, options) {
+            Ok(p) => p,
+            Err(e) => return settled(env, Err(e)),
+        };
+        let external = Arc::clone(&self.external);
+        let handle = self.handle.clone();
+        let (complete, promise) = promise(env, move |env, p: core::Prediction| {
+            if let Some(h) = &handle {
+                external.sync(env, h.cache_memory_usage());
+            }
+            Ok(PredictOutput(p))
+        })?;
+        rayon::spawn(move || {
+            let mut p = prepared;
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.run()))
+                .unwrap_or_else(|_| Err(Error::internal("the prediction panicked")));
+            complete(ran.map(|()| p));
+        });
+        Ok(promise)
     }
 
     /// `predict` on the calling thread, for tiny models where the hop to a worker costs more
@@ -662,50 +679,24 @@ impl Model {
     }
 }
 
-/// One `predict` call on the libuv thread pool: owns its prediction (and so the model, while
-/// it runs) and nothing borrowed from a JS object.
-pub struct PredictTask {
-    prepared: CoreResult<core::Prediction>,
-    /// The core error behind a failed `compute`, turned into a coded JS error in `reject`.
-    error: Option<Error>,
-    external: Arc<ExternalMemory>,
-    handle: Option<ModelHandle>,
+/// A finished prediction, copied into a new `Float32Array` on the main thread; its workspace
+/// goes back to the model's tensor cache right after.
+pub struct PredictOutput(core::Prediction);
+
+impl TypeName for PredictOutput {
+    fn type_name() -> &'static str {
+        "Float32Array"
+    }
+    fn value_type() -> ValueType {
+        ValueType::Object
+    }
 }
 
-impl<'env> ScopedTask<'env> for PredictTask {
-    type Output = ();
-    type JsValue = Float32ArraySlice<'env>;
-
-    fn compute(&mut self) -> napi::Result<()> {
-        let outcome = match &mut self.prepared {
-            Ok(p) => p.run(),
-            Err(e) => Err(e.clone()),
-        };
-        outcome.map_err(|e| {
-            self.error = Some(e);
-            napi::Error::from_reason("prediction failed")
-        })
-    }
-
-    fn resolve(&mut self, env: &'env Env, _: ()) -> napi::Result<Self::JsValue> {
-        let out = match &self.prepared {
-            Ok(p) => Float32ArraySlice::copy_from(env, p.output()),
-            Err(e) => Err(js_error(env, e.clone())),
-        };
-        // Hands the workspace back before the next call can want it.
-        self.prepared = Err(Error::internal("prediction already settled"));
-        if let Some(h) = &self.handle {
-            self.external.sync(env, h.cache_memory_usage());
-        }
-        out
-    }
-
-    fn reject(&mut self, env: &'env Env, err: napi::Error) -> napi::Result<Self::JsValue> {
-        self.prepared = Err(Error::internal("prediction already settled"));
-        Err(match self.error.take() {
-            Some(e) => js_error(env, e),
-            None => err,
-        })
+impl ToNapiValue for PredictOutput {
+    unsafe fn to_napi_value(env: sys::napi_env, val: Self) -> napi::Result<sys::napi_value> {
+        let env = Env::from_raw(env);
+        let out = Float32ArraySlice::copy_from(&env, val.0.output())?;
+        Ok(out.raw())
     }
 }
 

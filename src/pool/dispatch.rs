@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorCode, Phase, Result};
 use crate::pool::connection::{is_connection_lost, Outcome, Statement};
-use crate::pool::{Pool, PoolShared};
+use crate::pool::{Pool, PoolShared, Waiting};
 
 /// Called once with the statement's outcome, on a runtime thread.
 pub type Done = Box<dyn FnOnce(Result<Outcome>) + Send>;
@@ -93,7 +93,7 @@ impl Pool {
 /// Takes batches off the queue until it is empty.
 async fn dispatch(pool: Pool) {
     loop {
-        let batch: Vec<Job> = {
+        let (batch, waiting): (Vec<Job>, Waiting<'_>) = {
             let mut queue = pool.shared.queue.lock();
             if queue.jobs.is_empty() {
                 queue.dispatchers -= 1;
@@ -102,19 +102,22 @@ async fn dispatch(pool: Pool) {
             // Spread the queue over every connection the pool may open.
             let connections = pool.shared.pool.status().max_size.max(1);
             let take = queue.jobs.len().div_ceil(connections).clamp(1, MAX_BATCH);
-            queue.jobs.drain(..take).collect()
+            // Counted as waiting before the queue lock is let go: `maxWaiting` must never
+            // see a statement in neither the queue nor the waiters.
+            (queue.jobs.drain(..take).collect(), pool.waiting(take))
         };
-        serve(&pool, batch).await;
+        serve(&pool, batch, waiting).await;
     }
 }
 
-async fn serve(pool: &Pool, batch: Vec<Job>) {
+async fn serve(pool: &Pool, batch: Vec<Job>, waiting: Waiting<'_>) {
     let s = &pool.shared;
     let n = batch.len() as u64;
     s.recorder.gets.add(n);
     let oldest = batch[0].submitted;
-    let lease = match Box::pin(pool.checkout(oldest, oldest + s.config.acquire_timeout, None)).await
-    {
+    let checkout = Box::pin(pool.checkout(oldest, oldest + s.config.acquire_timeout, None)).await;
+    drop(waiting);
+    let lease = match checkout {
         Ok(lease) => lease,
         Err(err) => {
             // `checkout` counted one failure; count the rest of the batch the same way.

@@ -60,6 +60,18 @@ impl PoolShared {
     }
 }
 
+/// Callers counted as waiting for a connection; uncounted on drop.
+pub(crate) struct Waiting<'a> {
+    waiters: &'a AtomicUsize,
+    callers: usize,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.waiters.fetch_sub(self.callers, Ordering::Relaxed);
+    }
+}
+
 /// A connection pool. Cheap to clone; every clone is the same pool.
 #[derive(Clone)]
 pub struct Pool {
@@ -153,8 +165,19 @@ impl Pool {
             s.recorder.rejected.inc();
             return Err(self.exhausted_error());
         }
+        let _waiting = self.waiting(1);
         self.checkout(started, started + s.config.acquire_timeout, stack)
             .await
+    }
+
+    /// Counts `callers` as waiting for a connection (for `maxWaiting` and `status().waiting`)
+    /// until the guard is dropped.
+    pub(crate) fn waiting(&self, callers: usize) -> Waiting<'_> {
+        self.shared.waiters.fetch_add(callers, Ordering::Relaxed);
+        Waiting {
+            waiters: &self.shared.waiters,
+            callers,
+        }
     }
 
     /// Checks out a connection for a caller that started waiting at `started`, by `deadline`.
@@ -167,7 +190,6 @@ impl Pool {
     ) -> Result<Lease> {
         let s = &self.shared;
         let ctx = AcquireContext::new(deadline, false);
-        s.waiters.fetch_add(1, Ordering::Relaxed);
         let budget = Some(deadline.saturating_duration_since(Instant::now()));
         let timeouts = Timeouts {
             wait: budget,
@@ -177,7 +199,6 @@ impl Pool {
         // Boxed: the connect path makes this future several KB, and callers move theirs around.
         let get = Box::pin(ACQUIRE.scope(Arc::clone(&ctx), s.pool.timeout_get(&timeouts)));
         let outcome = tokio::time::timeout_at(deadline.into(), get).await;
-        s.waiters.fetch_sub(1, Ordering::Relaxed);
         let result = match outcome {
             Ok(Ok(object)) => Ok(object),
             Ok(Err(PoolError::Timeout(t))) => Err(self.timeout_error(match t {
