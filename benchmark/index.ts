@@ -200,6 +200,19 @@ function headline(tables: Table[]): Headline[] {
         ratio: ours / theirs,
       })
     }
+    for (const r of t.rows) {
+      const ours = num(r['qm predict p50 µs'])
+      const theirs = num(r['ORT run p50 µs'])
+      if (!Number.isFinite(ours) || !Number.isFinite(theirs)) continue
+      out.push({
+        comparison: `models · MLP predict latency p50, batch ${r.batch}`,
+        unit: 'µs per call',
+        ours: fmt(ours),
+        peer: 'onnxruntime-node',
+        theirs: fmt(theirs),
+        ratio: theirs / ours,
+      })
+    }
   }
   return out
 }
@@ -292,7 +305,7 @@ function results(outcomes: Outcome[], machineRows: Row[], head: Headline[], tota
     '',
     '## Headline',
     '',
-    'quartermaster ÷ peer: throughput ratio (for Prometheus render, the render-time ratio), so **> 1 favours quartermaster and < 1 favours the peer**. Medians; min–max over rounds in parentheses where the benchmark keeps them.',
+    'quartermaster ÷ peer: throughput ratio (for times — Prometheus render, predict latency — the peer\'s time ÷ ours), so **> 1 favours quartermaster and < 1 favours the peer**. Medians; min–max over rounds in parentheses where the benchmark keeps them.',
     '',
     headlineMarkdown(head),
     '',
