@@ -39,15 +39,18 @@ struct Dispatcher {
 
 impl Dispatcher {
     fn complete(&self, completion: Completion) {
+        // The queue lock is held from the `closed` check through the call: `cleanup` takes it
+        // to close and release the threadsafe function, so no call can reach a function its
+        // environment has freed (a worker terminated mid-query: libuv aborts on the freed
+        // mutex otherwise). Node runs the JS side of the call outside its own lock, so
+        // `drain` taking this lock cannot deadlock.
+        let mut queue = self.queue.lock();
         if self.closed.load(Ordering::Acquire) {
-            return;
+            drop(queue);
+            return; // the environment is gone; the completion is dropped here
         }
-        let first = {
-            let mut queue = self.queue.lock();
-            queue.push(completion);
-            queue.len() == 1
-        };
-        if first {
+        queue.push(completion);
+        if queue.len() == 1 {
             // Wake the main thread once; it drains everything queued by then.
             unsafe {
                 sys::napi_call_threadsafe_function(
@@ -110,13 +113,19 @@ unsafe extern "C" fn finalize(_env: sys::napi_env, data: *mut c_void, _hint: *mu
 
 unsafe extern "C" fn cleanup(arg: *mut c_void) {
     let dispatcher = unsafe { &*(arg as *const Dispatcher) };
-    dispatcher.closed.store(true, Ordering::Release);
-    unsafe {
-        sys::napi_release_threadsafe_function(
-            dispatcher.tsfn.0,
-            sys::ThreadsafeFunctionReleaseMode::abort,
-        )
+    let pending = {
+        let mut queue = dispatcher.queue.lock();
+        dispatcher.closed.store(true, Ordering::Release);
+        unsafe {
+            sys::napi_release_threadsafe_function(
+                dispatcher.tsfn.0,
+                sys::ThreadsafeFunctionReleaseMode::abort,
+            )
+        };
+        std::mem::take(&mut *queue)
     };
+    // Completions that will never be drained: dropped outside the lock.
+    drop(pending);
     LOCAL.with(|l| l.borrow_mut().take());
 }
 

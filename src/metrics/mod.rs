@@ -178,6 +178,11 @@ pub struct ModelRecorder {
     pub device: RwLock<String>,
 }
 
+/// Per-model series a cache keeps before it drops those of models no longer loaded (their
+/// counters restart from zero if the id is loaded again, which Prometheus reads as a reset).
+/// Bounds memory when an app loads many distinct model ids over its life.
+pub const MODEL_SERIES_SOFT_LIMIT: usize = 1024;
+
 /// Everything one model cache reports.
 pub struct CacheRecorder {
     pub name: String,
@@ -200,6 +205,8 @@ pub struct CacheRecorder {
     pub load_latency: LatencyHistogram,
     pub predict_latency: LatencyHistogram,
     per_model: RwLock<Vec<Arc<ModelRecorder>>>,
+    /// Predictions counted by per-model series since dropped, so totals stay monotonic.
+    retired_predicts: Counter,
 }
 
 impl CacheRecorder {
@@ -223,6 +230,7 @@ impl CacheRecorder {
             load_latency: LatencyHistogram::new(),
             predict_latency: LatencyHistogram::new(),
             per_model: RwLock::new(Vec::new()),
+            retired_predicts: Counter::default(),
         }
     }
 
@@ -248,6 +256,16 @@ impl CacheRecorder {
         if let Some(m) = all.iter().find(|m| m.name == name) {
             return Arc::clone(m);
         }
+        if all.len() >= MODEL_SERIES_SOFT_LIMIT {
+            // Only this list holds the recorder of a model that is no longer loaded.
+            all.retain(|m| {
+                let loaded = Arc::strong_count(m) > 1;
+                if !loaded {
+                    self.retired_predicts.add(m.predicts.get());
+                }
+                loaded
+            });
+        }
         let m = Arc::new(ModelRecorder {
             name: name.to_string(),
             predicts: Counter::default(),
@@ -262,6 +280,12 @@ impl CacheRecorder {
 
     pub fn models(&self) -> Vec<Arc<ModelRecorder>> {
         self.per_model.read().clone()
+    }
+
+    /// Every prediction the cache's models have run, including models whose series are gone.
+    pub fn predicts(&self) -> u64 {
+        let live: u64 = self.per_model.read().iter().map(|m| m.predicts.get()).sum();
+        self.retired_predicts.get() + live
     }
 }
 
@@ -371,7 +395,7 @@ impl Registry {
             t.neural_cache_misses += c.misses.get();
             t.neural_evictions += c.evictions();
             t.neural_expirations += c.expirations.get();
-            t.neural_predictions += c.models().iter().map(|m| m.predicts.get()).sum::<u64>();
+            t.neural_predictions += c.predicts();
         }
         t
     }
@@ -484,6 +508,32 @@ fn unique_name(base: &str, taken: impl Fn(&str) -> bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_model_series_of_unloaded_models_are_dropped_beyond_the_limit() {
+        let reg = Registry::new();
+        let cache = reg.register_cache("models");
+        let live: Vec<_> = (0..10).map(|i| cache.model(&format!("live-{i}"))).collect();
+        for i in 0..MODEL_SERIES_SOFT_LIMIT * 3 {
+            cache.model(&format!("gone-{i}")).predicts.inc(); // loaded, used, unloaded
+        }
+        let kept = cache.models();
+        assert!(
+            kept.len() <= MODEL_SERIES_SOFT_LIMIT,
+            "{} series",
+            kept.len()
+        );
+        for m in &live {
+            assert!(
+                kept.iter().any(|k| Arc::ptr_eq(k, m)),
+                "a loaded model's series stays"
+            );
+        }
+        // Series of unloaded models stay visible until the limit needs the room.
+        assert!(kept.len() > live.len());
+        // Totals do not go backwards when series are dropped.
+        assert_eq!(cache.predicts(), (MODEL_SERIES_SOFT_LIMIT * 3) as u64);
+    }
 
     #[test]
     fn pool_names_are_unique_and_gauges_read_through_callback() {
