@@ -345,22 +345,13 @@ impl ModelCache {
         id: Unknown,
         source: Unknown,
     ) -> napi::Result<PromiseRaw<'env, Model>> {
-        let external = Arc::clone(&self.external);
-        let owner = self.core.clone();
-        let ttl = self.core.ttl();
         let load = model_id(&id).and_then(|id| Ok(self.core.load(id, model_source(&source)?)));
-        spawn(
+        model_promise(
             env,
-            async move {
-                match load {
-                    Ok(loading) => loading.await,
-                    Err(e) => Err(e),
-                }
-            },
-            move |env, handle: ModelHandle| {
-                external.sync(env, handle.cache_memory_usage());
-                Ok(Model::new(handle, owner, external, ttl))
-            },
+            load,
+            Some(self.core.clone()),
+            Arc::clone(&self.external),
+            self.core.ttl(),
         )
     }
 
@@ -631,23 +622,13 @@ impl Model {
     #[napi(catch_unwind, ts_return_type = "Promise<Model>")]
     pub fn reload<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, Model>> {
         let reload = self.handle().and_then(ModelHandle::reload);
-        let owner = self.cache.clone();
-        let external = Arc::clone(&self.external);
         let ttl = self.handle.as_ref().and_then(|h| h.cache_ttl());
-        spawn(
+        model_promise(
             env,
-            async move {
-                match reload {
-                    Ok(loading) => loading.await,
-                    Err(e) => Err(e),
-                }
-            },
-            move |env, handle: ModelHandle| {
-                external.sync(env, handle.cache_memory_usage());
-                // A handle that could reload is unreleased, and so still holds its cache.
-                let owner = owner.ok_or_else(|| napi::Error::from_reason("handle was released"))?;
-                Ok(Model::new(handle, owner, external, ttl))
-            },
+            reload,
+            self.cache.clone(),
+            Arc::clone(&self.external),
+            ttl,
         )
     }
 
@@ -677,6 +658,36 @@ impl Model {
     pub fn dispose(&mut self, env: Env) {
         self.release(env);
     }
+}
+
+/// The promise of a `load` or `reload`: a `Model` handle once `loading` finishes, holding
+/// `owner` (its cache) alive. `owner` is `None` only for a released handle, whose reload
+/// already failed.
+fn model_promise<'env, F>(
+    env: &'env Env,
+    loading: CoreResult<F>,
+    owner: Option<core::ModelCache>,
+    external: Arc<ExternalMemory>,
+    ttl: Option<Duration>,
+) -> napi::Result<PromiseRaw<'env, Model>>
+where
+    F: std::future::Future<Output = CoreResult<ModelHandle>> + Send + 'static,
+{
+    let loading = loading.and_then(|l| {
+        let owner = owner.ok_or_else(|| Error::internal("a model handle without its cache"))?;
+        Ok((l, owner))
+    });
+    spawn(
+        env,
+        async move {
+            let (loading, owner) = loading?;
+            Ok((loading.await?, owner))
+        },
+        move |env, (handle, owner): (ModelHandle, core::ModelCache)| {
+            external.sync(env, handle.cache_memory_usage());
+            Ok(Model::new(handle, owner, external, ttl))
+        },
+    )
 }
 
 /// A finished prediction, copied into a new `Float32Array` on the main thread; its workspace
