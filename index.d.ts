@@ -52,9 +52,13 @@ export declare class ConnectionPool {
   /** An idle connection right now, or `null`. Never waits, connects or validates. */
   tryAcquire(): PooledConnection | null
   /**
-   * Runs `fn` inside a transaction on one connection: BEGIN, then COMMIT when `fn`
-   * resolves or ROLLBACK when it throws (MULTI/EXEC/DISCARD on Redis). Resolves with
-   * what `fn` returned. The connection is released either way.
+   * Runs `fn` inside a transaction on one connection: BEGIN (SQLite: BEGIN IMMEDIATE),
+   * then COMMIT when `fn` resolves or ROLLBACK when it throws (MULTI/EXEC/DISCARD on
+   * Redis). Resolves with what `fn` returned only if the server committed: when a
+   * statement inside failed and `fn` caught it, COMMIT is answered with ROLLBACK and this
+   * rejects (`QUERY_FAILED`, `rolledBack: true`, the failed statement's SQLSTATE). On
+   * Redis it resolves with EXEC's replies, a failed command's reply an `Error` in its
+   * place (the others were applied). The connection is released either way.
    */
   transaction<T>(fn: (tx: PooledConnection) => Promise<T>): Promise<T>
   /** Occupancy right now. */
@@ -256,7 +260,8 @@ export declare class ModelCache {
 
 /**
  * A connection checked out of a pool. Use `release()` (or `using` / `await using`);
- * statements on one lease run in order.
+ * statements on one lease run in the order they were issued, and a release runs after
+ * every statement issued before it.
  */
 export declare class PooledConnection {
   /** Runs one statement on this connection and returns its rows. */
@@ -273,8 +278,9 @@ export declare class PooledConnection {
   /** True once released; further calls fail with `POOL_CLOSED`. */
   get released(): boolean
   /**
-   * Returns the connection to its pool (rolled back first if a transaction may be open).
-   * Safe to call more than once.
+   * Returns the connection to its pool once the statements issued before this call have
+   * run (rolled back first if a transaction is open, session state discarded if a
+   * statement changed it). Safe to call more than once.
    */
   release(): void
   /** `using conn = …` releases here. */

@@ -120,8 +120,12 @@ describeWithPostgres('ConnectionPool on PostgreSQL', () => {
     await eventually(() => backends('terminate'), (rows) => rows.length === 5)
     const killed = await admin.query('select pg_terminate_backend(pid) as ok from pg_stat_activity where application_name = $1', [appName('terminate')])
     expect(killed.rows.length).toBeGreaterThan(0)
+    // pg_terminate_backend only signals; once the backends have gone, every statement sent
+    // after is known unsent on a dead connection and runs on a fresh one.
+    const killedPids = new Set((await backends('terminate')).map((r: any) => r.pid))
+    await eventually(() => backends('terminate'), (rows) => rows.every((r: any) => !killedPids.has(r.pid)))
     const results = await Promise.allSettled(Array.from({ length: 100 }, (_, i) => pool.query('select $1::int as i', [i])))
-    const failed = results.filter((r) => r.status === 'rejected')
+    const failed = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected').map((r) => `${r.reason.code} ${r.reason.message}`)
     expect(failed).toEqual([])
     expect(pool.metrics().destroyed).toBeGreaterThanOrEqual(killed.rows.length)
     await pool.close()

@@ -11,6 +11,12 @@ pub enum ErrorCode {
     PoolClosed,
     ConnectFailed,
     QueryFailed,
+    /// The statement ran past its `timeoutMs` and was cancelled.
+    QueryTimeout,
+    /// The connection died under the statement; `sent` says whether it may have run.
+    ConnectionLost,
+    /// The caller's `AbortSignal` fired (`ABORT_ERR`, as Node's own APIs reject).
+    Aborted,
     ModelNotFound,
     ModelFormat,
     ModelEvicted,
@@ -20,13 +26,16 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidArgument,
         ErrorCode::PoolTimeout,
         ErrorCode::PoolExhausted,
         ErrorCode::PoolClosed,
         ErrorCode::ConnectFailed,
         ErrorCode::QueryFailed,
+        ErrorCode::QueryTimeout,
+        ErrorCode::ConnectionLost,
+        ErrorCode::Aborted,
         ErrorCode::ModelNotFound,
         ErrorCode::ModelFormat,
         ErrorCode::ModelEvicted,
@@ -43,6 +52,9 @@ impl ErrorCode {
             ErrorCode::PoolClosed => "POOL_CLOSED",
             ErrorCode::ConnectFailed => "CONNECT_FAILED",
             ErrorCode::QueryFailed => "QUERY_FAILED",
+            ErrorCode::QueryTimeout => "QUERY_TIMEOUT",
+            ErrorCode::ConnectionLost => "CONNECTION_LOST",
+            ErrorCode::Aborted => "ABORT_ERR",
             ErrorCode::ModelNotFound => "MODEL_NOT_FOUND",
             ErrorCode::ModelFormat => "MODEL_FORMAT",
             ErrorCode::ModelEvicted => "MODEL_EVICTED",
@@ -93,6 +105,19 @@ pub struct Error {
     pub sqlstate: Option<String>,
     /// Acquire phase for pool timeouts and connect failures.
     pub phase: Option<Phase>,
+    /// `CONNECTION_LOST`: `false` when the statement provably never reached the server
+    /// (nothing was written after it was queued), `true` when it may have run.
+    pub sent: Option<bool>,
+    /// `QUERY_TIMEOUT`: the bound that expired, in milliseconds.
+    pub timeout_ms: Option<f64>,
+    /// A COMMIT that the server answered with ROLLBACK: nothing in the transaction applied.
+    pub rolled_back: bool,
+    /// A connect failure that retrying cannot fix (bad credentials, TLS refused).
+    pub(crate) permanent: bool,
+    /// A connect attempt that ran out of time rather than being refused.
+    pub(crate) timed_out: bool,
+    /// The connection can no longer be trusted (protocol out of step, host demoted).
+    pub(crate) desync: bool,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -104,7 +129,43 @@ impl Error {
             message: redact_secrets(&message.into()),
             sqlstate: None,
             phase: None,
+            sent: None,
+            timeout_ms: None,
+            rolled_back: false,
+            permanent: false,
+            timed_out: false,
+            desync: false,
         }
+    }
+
+    /// The connection died under a statement; `sent` says whether it may have run.
+    pub fn connection_lost(sent: bool, detail: impl fmt::Display) -> Self {
+        let what = if sent {
+            "it may have run: it is not retried, check before running it again"
+        } else {
+            "it was never sent"
+        };
+        let mut e = Error::new(
+            ErrorCode::ConnectionLost,
+            format!("the connection was lost under the statement ({detail}); {what}"),
+        );
+        e.sent = Some(sent);
+        e
+    }
+
+    /// True for a lost connection whose statement provably never reached the server.
+    pub fn never_sent(&self) -> bool {
+        self.code == ErrorCode::ConnectionLost && self.sent == Some(false)
+    }
+
+    pub(crate) fn permanent(mut self) -> Self {
+        self.permanent = true;
+        self
+    }
+
+    pub(crate) fn timed_out(mut self) -> Self {
+        self.timed_out = true;
+        self
     }
 
     pub fn invalid_argument(message: impl Into<String>) -> Self {

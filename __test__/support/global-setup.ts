@@ -4,6 +4,8 @@ import { startPostgres, startRedis } from './servers'
 // that need it skip and say why.
 export default async function globalSetup(): Promise<void> {
   const inCi = process.env.CI === 'true'
+  // Arms the addon's test-only panic hook (a statement of exactly '-- qm:test-panic').
+  process.env.QM_TEST_PANIC = '1'
   const stops: Array<() => Promise<void>> = []
   if (!process.env.DATABASE_URL) {
     try {

@@ -216,6 +216,40 @@ fn error_value(env: &Env, err: napi::Error) -> sys::napi_value {
 /// Settles one promise; callable from any thread.
 pub(crate) type Complete<T> = Box<dyn FnOnce(Result<T, Error>) + Send>;
 
+type MakeSettle<T> = Box<dyn FnOnce(Result<T, Error>) -> Settle + Send>;
+
+/// Settles its promise exactly once: with the outcome it is given, or — dropped without
+/// one (a task that panicked) — with `INTERNAL`, so no promise stays pending forever and
+/// keeps Node alive.
+struct Settler<T> {
+    dispatcher: Arc<Dispatcher>,
+    deferred: Option<Deferred>,
+    make: Option<MakeSettle<T>>,
+}
+
+impl<T> Settler<T> {
+    fn settle(mut self, out: Result<T, Error>) {
+        self.finish(out);
+    }
+
+    fn finish(&mut self, out: Result<T, Error>) {
+        if let (Some(deferred), Some(make)) = (self.deferred.take(), self.make.take()) {
+            self.dispatcher.complete(Completion {
+                deferred,
+                settle: make(out),
+            });
+        }
+    }
+}
+
+impl<T> Drop for Settler<T> {
+    fn drop(&mut self) {
+        self.finish(Err(Error::internal(
+            "the operation ended without an outcome (a bug); it may or may not have run",
+        )));
+    }
+}
+
 /// A promise and the one-shot function that settles it from any thread: `Ok` through
 /// `convert` on the main thread, `Err` as a coded JS error.
 pub(crate) fn promise<'env, T, V, C>(
@@ -238,9 +272,8 @@ where
             local.pending += 1;
         }
     });
-    let deferred = Deferred(deferred);
-    let complete = move |out: Result<T, Error>| {
-        let settle: Settle = Box::new(move |env: &Env| match out {
+    let make: MakeSettle<T> = Box::new(move |out: Result<T, Error>| {
+        Box::new(move |env: &Env| match out {
             Ok(value) => {
                 match convert(env, value).and_then(|v| unsafe { V::to_napi_value(env.raw(), v) }) {
                     Ok(js) => Ok(js),
@@ -248,9 +281,14 @@ where
                 }
             }
             Err(err) => Err(error_value(env, js_error(env, err))),
-        });
-        dispatcher.complete(Completion { deferred, settle });
+        })
+    });
+    let settler = Settler {
+        dispatcher,
+        deferred: Some(Deferred(deferred)),
+        make: Some(make),
     };
+    let complete = move |out: Result<T, Error>| settler.settle(out);
     Ok((Box::new(complete), PromiseRaw::new(raw_env, promise)))
 }
 

@@ -4,17 +4,19 @@ use napi::bindgen_prelude::{JsObjectValue, Object};
 use napi::JsValue;
 use napi::{Env, Status};
 
-use crate::error::Error;
+use crate::error::{Error, ErrorCode};
 
 /// Builds the JS error object for a core error: `message`, `code`, and `sqlstate` / `phase` when known.
 pub(crate) fn js_error(env: &Env, err: Error) -> napi::Error {
-    match build(env, &err) {
+    match error_object(env, &err) {
         Ok(obj) => napi::Error::from(obj.to_unknown()),
         Err(fallback) => fallback,
     }
 }
 
-fn build<'e>(env: &'e Env, err: &Error) -> napi::Result<Object<'e>> {
+/// The JS `Error` for a core error, with `code` and whichever of `sqlstate`, `phase`,
+/// `sent`, `timeoutMs` and `rolledBack` apply.
+pub(crate) fn error_object<'e>(env: &'e Env, err: &Error) -> napi::Result<Object<'e>> {
     let mut obj = env.create_error(napi::Error::new(
         Status::GenericFailure,
         err.message.clone(),
@@ -25,6 +27,18 @@ fn build<'e>(env: &'e Env, err: &Error) -> napi::Result<Object<'e>> {
     }
     if let Some(phase) = err.phase {
         obj.set_named_property("phase", phase.as_str())?;
+    }
+    if let Some(sent) = err.sent {
+        obj.set_named_property("sent", sent)?;
+    }
+    if let Some(ms) = err.timeout_ms {
+        obj.set_named_property("timeoutMs", ms)?;
+    }
+    if err.rolled_back {
+        obj.set_named_property("rolledBack", true)?;
+    }
+    if err.code == ErrorCode::Aborted {
+        obj.set_named_property("name", "AbortError")?;
     }
     Ok(obj)
 }

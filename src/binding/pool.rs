@@ -16,7 +16,7 @@ use super::{js_error, promise, runtime, settled, spawn};
 use crate::error::{Error, Result as CoreResult};
 use crate::metrics::Registry;
 use crate::pool::config::{Int8Mode, PoolConfig, PoolOptions as CoreOptions};
-use crate::pool::{self, Lease, Outcome, Pool, Statement, Value};
+use crate::pool::{self, Lease, OrderedLease, Outcome, Pool, Statement, Value};
 
 /// TLS settings. PostgreSQL: every libpq mode. Redis (`rediss://` URLs): `verify-full`
 /// (default) or `require`.
@@ -284,15 +284,7 @@ impl Runner for PooledConnection {
     }
 
     fn send(&self, statement: Statement, complete: Complete<Outcome>) {
-        let lease = Arc::clone(&self.lease);
-        runtime().spawn(async move {
-            let lease = lease.lock().await;
-            let outcome = match lease.connection() {
-                Ok(conn) => Box::pin(conn.run(&statement.borrow())).await,
-                Err(e) => Err(e),
-            };
-            complete(outcome)
-        });
+        self.lease.submit(statement, complete);
     }
 }
 
@@ -527,9 +519,13 @@ impl ConnectionPool {
         }
     }
 
-    /// Runs `fn` inside a transaction on one connection: BEGIN, then COMMIT when `fn`
-    /// resolves or ROLLBACK when it throws (MULTI/EXEC/DISCARD on Redis). Resolves with
-    /// what `fn` returned. The connection is released either way.
+    /// Runs `fn` inside a transaction on one connection: BEGIN (SQLite: BEGIN IMMEDIATE),
+    /// then COMMIT when `fn` resolves or ROLLBACK when it throws (MULTI/EXEC/DISCARD on
+    /// Redis). Resolves with what `fn` returned only if the server committed: when a
+    /// statement inside failed and `fn` caught it, COMMIT is answered with ROLLBACK and this
+    /// rejects (`QUERY_FAILED`, `rolledBack: true`, the failed statement's SQLSTATE). On
+    /// Redis it resolves with EXEC's replies, a failed command's reply an `Error` in its
+    /// place (the others were applied). The connection is released either way.
     #[napi(
         ts_args_type = "fn: (tx: PooledConnection) => Promise<T>",
         ts_return_type = "Promise<T>",
@@ -541,14 +537,19 @@ impl ConnectionPool {
         this: napi::bindgen_prelude::This,
         callback: Unknown,
     ) -> napi::Result<Unknown<'_>> {
-        let redis = self.pool.config().target.backend() == "redis";
+        let backend = self.pool.config().target.backend();
         let helper = transaction_helper(&env)?;
         let raw_env = env.raw();
-        let mut redis_flag = ptr::null_mut();
+        let mut backend_name = ptr::null_mut();
         let mut out = ptr::null_mut();
         unsafe {
-            sys::napi_get_boolean(raw_env, redis, &mut redis_flag);
-            let argv = [this.object.raw(), callback.raw(), redis_flag];
+            sys::napi_create_string_utf8(
+                raw_env,
+                backend.as_ptr().cast(),
+                backend.len() as isize,
+                &mut backend_name,
+            );
+            let argv = [this.object.raw(), callback.raw(), backend_name];
             let mut undefined = ptr::null_mut();
             sys::napi_get_undefined(raw_env, &mut undefined);
             let status = sys::napi_call_function(
@@ -704,16 +705,19 @@ thread_local! {
     static TRANSACTION_HELPER: Cell<Option<(sys::napi_env, sys::napi_ref)>> = const { Cell::new(None) };
 }
 
-const TRANSACTION_JS: &str = r#"(async function transaction(pool, fn, redis) {
+const TRANSACTION_JS: &str = r#"(async function transaction(pool, fn, backend) {
   if (typeof fn !== 'function') {
     const err = new TypeError('transaction(fn) needs a function');
     err.code = 'INVALID_ARGUMENT';
     throw err;
   }
+  const redis = backend === 'redis';
   const tx = await pool.acquire();
   const run = (sql) => (redis ? tx.command(sql) : tx.query(sql));
   try {
-    await run(redis ? 'MULTI' : 'BEGIN');
+    // SQLite: take the write lock up front, so a read-then-write transaction waits for it
+    // instead of failing with SQLITE_BUSY when it first writes.
+    await run(redis ? 'MULTI' : backend === 'sqlite' ? 'BEGIN IMMEDIATE' : 'BEGIN');
     let result;
     try {
       result = await fn(tx);
@@ -772,36 +776,19 @@ pub fn install_variadic_command(exports: Object, env: Env) -> napi::Result<()> {
 }
 
 /// A connection checked out of a pool. Use `release()` (or `using` / `await using`);
-/// statements on one lease run in order.
+/// statements on one lease run in the order they were issued, and a release runs after
+/// every statement issued before it.
 #[napi]
 pub struct PooledConnection {
-    lease: Arc<tokio::sync::Mutex<Lease>>,
+    lease: Arc<OrderedLease>,
     int8: Int8Mode,
 }
 
 impl PooledConnection {
     fn new(lease: Lease, int8: Int8Mode) -> Self {
         PooledConnection {
-            lease: Arc::new(tokio::sync::Mutex::new(lease)),
+            lease: OrderedLease::new(lease),
             int8,
-        }
-    }
-
-    fn finish(&self, leaked: bool) {
-        let finish = move |lease: &mut Lease| {
-            if leaked {
-                lease.abandon()
-            } else {
-                lease.release()
-            }
-        };
-        match self.lease.try_lock() {
-            Ok(mut lease) => finish(&mut lease),
-            Err(_) => {
-                // A statement is still running: release when it ends.
-                let lease = Arc::clone(&self.lease);
-                runtime().spawn(async move { finish(&mut *lease.lock().await) });
-            }
         }
     }
 }
@@ -867,42 +854,36 @@ impl PooledConnection {
     /// True once released; further calls fail with `POOL_CLOSED`.
     #[napi(getter)]
     pub fn released(&self) -> bool {
-        self.lease
-            .try_lock()
-            .map(|l| l.is_released())
-            .unwrap_or(false)
+        self.lease.is_released()
     }
 
-    /// Returns the connection to its pool (rolled back first if a transaction may be open).
-    /// Safe to call more than once.
+    /// Returns the connection to its pool once the statements issued before this call have
+    /// run (rolled back first if a transaction is open, session state discarded if a
+    /// statement changed it). Safe to call more than once.
     #[napi]
     pub fn release(&self) {
-        self.finish(false);
+        self.lease.release(false);
     }
 
     /// `using conn = …` releases here.
     #[napi(well_known_symbol = "dispose")]
     pub fn dispose(&self) {
-        self.finish(false);
+        self.lease.release(false);
     }
 
     /// `await using conn = …` releases here.
     #[napi(well_known_symbol = "asyncDispose", ts_return_type = "Promise<void>")]
     pub fn async_dispose<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, ()>> {
-        self.finish(false);
-        spawn(env, async { Ok(()) }, |_, ()| Ok(()))
+        self.lease.release(false);
+        settled(env, Ok(()))
     }
 }
 
 impl Drop for PooledConnection {
     fn drop(&mut self) {
         // Collected by the GC: a lease still held was never released.
-        let held = match self.lease.try_lock() {
-            Ok(l) => !l.is_released(),
-            Err(_) => true,
-        };
-        if held {
-            self.finish(true);
+        if !self.lease.is_released() {
+            self.lease.release(true);
         }
     }
 }

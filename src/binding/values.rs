@@ -4,7 +4,7 @@
 use std::ptr;
 
 use napi::bindgen_prelude::{ToNapiValue, TypeName, ValidateNapiValue};
-use napi::{sys, Env, ValueType};
+use napi::{sys, Env, JsValue, ValueType};
 
 use crate::error::Error;
 use crate::pool::config::Int8Mode;
@@ -354,6 +354,9 @@ pub(crate) fn value_to_js(env: sys::napi_env, v: &Value, int8: Int8Mode) -> napi
             }
             Value::Json(j) => return json_to_js(env, j),
             Value::Timestamp(ms) => sys::napi_create_date(env, *ms, &mut out),
+            Value::Failed(e) => {
+                return super::errors::error_object(&napi::Env::from_raw(env), e).map(|o| o.raw())
+            }
             Value::Array(items) => {
                 check(
                     sys::napi_create_array_with_length(env, items.len(), &mut out),

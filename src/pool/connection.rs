@@ -1,12 +1,15 @@
 //! One pooled connection, whatever the backend, with the state the pool needs to hand it
-//! on clean: transaction state, age, last use.
+//! on clean: transaction state (from the server), session changes, age, last use.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
 use crate::error::{Error, ErrorCode, Result};
 use crate::metrics::PoolRecorder;
+use crate::pool::postgres::wire::TxStatus;
 use crate::pool::postgres::PgConnection;
 use crate::pool::redis::RedisConnection;
 use crate::pool::sqlite::SqliteConnection;
@@ -41,11 +44,12 @@ impl Statement {
     }
 
     /// Whether it can share a connection with other statements in flight: not when it opens
-    /// or ends a transaction (or a Redis MULTI/WATCH), which would bleed into its neighbours.
+    /// or ends a transaction, changes session state (or is a Redis MULTI/WATCH or blocking
+    /// command), which would bleed into its neighbours or stall them.
     pub fn can_pipeline(&self) -> bool {
         match self {
             Statement::Query(sql, _) | Statement::Execute(sql, _) => {
-                transaction_effect(sql).is_none()
+                !is_transaction_control(sql) && !changes_session(sql)
             }
             Statement::Command(name, _) => !is_session_command(name),
             Statement::Pipeline(cmds) => cmds.iter().all(|(name, _)| !is_session_command(name)),
@@ -78,9 +82,13 @@ fn is_session_command(name: &str) -> bool {
             | "BLMOVE"
             | "BZPOPMIN"
             | "BZPOPMAX"
+            | "BRPOPLPUSH"
+            | "BLMPOP"
+            | "BZMPOP"
             | "XREAD"
             | "XREADGROUP"
             | "WAIT"
+            | "WAITAOF"
     )
 }
 
@@ -103,7 +111,7 @@ impl Outcome {
 }
 
 pub enum Backend {
-    Postgres(PgConnection),
+    Postgres(Box<PgConnection>),
     Sqlite(SqliteConnection),
     Redis(RedisConnection),
 }
@@ -114,12 +122,17 @@ pub struct Connection {
     /// connections don't all expire together.
     lifetime: Option<Duration>,
     created: Instant,
-    /// When it last came back to the pool (or was created).
+    /// When it last came back to the pool (or was created): the idle timeout counts from here.
     pub(crate) last_returned: Instant,
-    /// PostgreSQL: a statement may have opened a transaction that is still open.
-    maybe_in_transaction: AtomicBool,
+    /// When it last answered (a statement or a ping): validation and keepalive count from here.
+    pub(crate) last_checked: Instant,
+    /// A statement changed session state a next user must not inherit (SET, an advisory
+    /// lock, a temp table, PRAGMA): reset (PostgreSQL) or closed (SQLite) before reuse.
+    session_dirty: AtomicBool,
     /// Retire instead of returning it: a lost connection or session state we can't undo.
     broken: AtomicBool,
+    /// PostgreSQL: the first failure inside the open transaction, for COMMIT's error.
+    failed_in_transaction: Mutex<Option<Error>>,
     recorder: Arc<PoolRecorder>,
 }
 
@@ -136,8 +149,10 @@ impl Connection {
             lifetime,
             created: now,
             last_returned: now,
-            maybe_in_transaction: AtomicBool::new(false),
+            last_checked: now,
+            session_dirty: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            failed_in_transaction: Mutex::new(None),
             recorder,
         }
     }
@@ -147,6 +162,14 @@ impl Connection {
             Backend::Postgres(_) => "postgres",
             Backend::Sqlite(_) => "sqlite",
             Backend::Redis(_) => "redis",
+        }
+    }
+
+    /// `host:port` of the server (PostgreSQL), for status; never credentials.
+    pub fn host(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Postgres(pg) => Some(pg.host()),
+            _ => None,
         }
     }
 
@@ -160,15 +183,21 @@ impl Connection {
             || match &self.backend {
                 Backend::Postgres(pg) => pg.is_closed(),
                 Backend::Redis(r) => r.tainted.load(Ordering::Relaxed),
-                Backend::Sqlite(_) => false,
+                // SQLite session state (PRAGMA, ATTACH, temp tables) has no reset: close it.
+                Backend::Sqlite(_) => self.session_dirty.load(Ordering::Relaxed),
             }
     }
 
-    /// True when the next user could inherit an open transaction.
+    /// True when the next user could inherit an open transaction or changed session state.
     pub(crate) fn needs_reset(&self) -> bool {
         match &self.backend {
-            Backend::Postgres(_) => self.maybe_in_transaction.load(Ordering::Relaxed),
-            Backend::Sqlite(s) => s.in_transaction(),
+            Backend::Postgres(pg) => {
+                pg.status() != TxStatus::Idle
+                    || pg.session_changed()
+                    || self.session_dirty.load(Ordering::Relaxed)
+            }
+            // Busy (locked) means we cannot tell: reset, which waits for it.
+            Backend::Sqlite(s) => s.in_transaction().unwrap_or(true),
             Backend::Redis(r) => r.in_transaction.load(Ordering::Relaxed),
         }
     }
@@ -181,14 +210,24 @@ impl Connection {
         }
     }
 
-    /// Rolls back whatever a previous user left open.
+    /// Rolls back whatever a previous user left open and, on PostgreSQL, discards session
+    /// state (DISCARD ALL) a statement changed.
     pub(crate) async fn reset(&self) -> Result<()> {
         match &self.backend {
-            Backend::Postgres(pg) => pg.rollback().await?,
+            Backend::Postgres(pg) => {
+                if pg.status() != TxStatus::Idle {
+                    pg.utility("ROLLBACK").await?;
+                }
+                if pg.session_changed() || self.session_dirty.load(Ordering::Relaxed) {
+                    pg.utility("DISCARD ALL").await?;
+                    pg.wire().clear_session_changed();
+                    self.session_dirty.store(false, Ordering::Relaxed);
+                }
+            }
             Backend::Sqlite(s) => s.rollback().await?,
             Backend::Redis(r) => r.reset().await?,
         }
-        self.maybe_in_transaction.store(false, Ordering::Relaxed);
+        *self.failed_in_transaction.lock() = None;
         Ok(())
     }
 
@@ -202,18 +241,59 @@ impl Connection {
     fn after_statement<T>(&self, sql: &str, started: Instant, result: &Result<T>) {
         self.recorder.queries.inc();
         self.recorder.query_latency.record(started.elapsed());
-        if let Some(opens) = transaction_effect(sql) {
-            self.maybe_in_transaction.store(opens, Ordering::Relaxed);
+        if changes_session(sql) {
+            self.session_dirty.store(true, Ordering::Relaxed);
         }
         if let Err(e) = result {
             self.recorder.errors_query.inc();
-            if is_connection_lost(e) {
+            if e.code == ErrorCode::ConnectionLost || e.desync {
                 self.broken.store(true, Ordering::Relaxed);
+            }
+        }
+        if let Backend::Postgres(pg) = &self.backend {
+            // A server error inside a transaction aborts it (until a ROLLBACK TO SAVEPOINT, after
+            // which statements succeed again). Read on failure before its ReadyForQuery may have
+            // arrived, the status can still say "in transaction": either way it is not idle.
+            let mut failed = self.failed_in_transaction.lock();
+            match (pg.status(), result) {
+                (TxStatus::Idle, _) | (_, Ok(_)) => *failed = None,
+                (_, Err(e)) if e.sqlstate.is_some() && failed.is_none() => {
+                    *failed = Some(e.clone())
+                }
+                _ => {}
             }
         }
     }
 
+    /// A COMMIT the server answered with ROLLBACK did not commit: say so, and why.
+    fn check_commit(&self, sql: &str, tag: Option<&str>) -> Result<()> {
+        if tag != Some("ROLLBACK") || !is_commit(sql) {
+            return Ok(());
+        }
+        let cause = self.failed_in_transaction.lock().take();
+        let why = match &cause {
+            Some(e) => format!(
+                "a statement in it failed earlier ({}{}) and the failure was not rolled back to a savepoint",
+                e.sqlstate.as_deref().map(|s| format!("{s}: ")).unwrap_or_default(),
+                e.message
+            ),
+            None => "the transaction had failed earlier".to_string(),
+        };
+        let mut err = Error::new(
+            ErrorCode::QueryFailed,
+            format!("COMMIT did not commit: the server rolled the transaction back because {why}; nothing in it was applied"),
+        )
+        .with_sqlstate(
+            cause
+                .and_then(|e| e.sqlstate)
+                .unwrap_or_else(|| "25P02".to_string()),
+        );
+        err.rolled_back = true;
+        Err(err)
+    }
+
     pub async fn run(&self, op: &Operation<'_>) -> Result<Outcome> {
+        forced_panic(op);
         match *op {
             Operation::Query(sql, params) => self.query(sql, params).await.map(Outcome::Rows),
             Operation::Execute(sql, params) => self.execute(sql, params).await.map(Outcome::Done),
@@ -225,7 +305,12 @@ impl Connection {
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
         let started = Instant::now();
         let result = match &self.backend {
-            Backend::Postgres(pg) => pg.query(sql, params).await,
+            Backend::Postgres(pg) => match pg.query(sql, params).await {
+                Ok(ran) => self
+                    .check_commit(sql, ran.tag.as_deref())
+                    .map(|()| ran.value),
+                Err(e) => Err(e),
+            },
             Backend::Sqlite(s) => s.query(sql, params).await,
             Backend::Redis(_) => return Err(self.sql_only("query")),
         };
@@ -236,7 +321,12 @@ impl Connection {
     pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
         let started = Instant::now();
         let result = match &self.backend {
-            Backend::Postgres(pg) => pg.execute(sql, params).await,
+            Backend::Postgres(pg) => match pg.execute(sql, params).await {
+                Ok(ran) => self
+                    .check_commit(sql, ran.tag.as_deref())
+                    .map(|()| ran.value),
+                Err(e) => Err(e),
+            },
             Backend::Sqlite(s) => s.execute(sql, params).await,
             Backend::Redis(_) => return Err(self.sql_only("execute")),
         };
@@ -269,10 +359,22 @@ impl Connection {
         self.recorder.query_latency.record(started.elapsed());
         if let Err(e) = result {
             self.recorder.errors_query.inc();
-            if e.sqlstate.is_none() {
-                // No server error code: the connection itself failed.
+            if e.code == ErrorCode::ConnectionLost || e.desync {
                 self.broken.store(true, Ordering::Relaxed);
             }
+        }
+    }
+}
+
+/// The statement text that, with `QM_TEST_PANIC` set in the environment, panics where
+/// statements run: the test suite's way to show a panic reaches JavaScript as `INTERNAL`
+/// while the process and the pool carry on.
+pub const PANIC_MARKER: &str = "-- qm:test-panic";
+
+fn forced_panic(op: &Operation<'_>) {
+    if let Operation::Query(sql, _) | Operation::Execute(sql, _) = op {
+        if *sql == PANIC_MARKER && std::env::var_os("QM_TEST_PANIC").is_some() {
+            panic!("forced by the test hook (QM_TEST_PANIC)");
         }
     }
 }
@@ -284,47 +386,74 @@ fn redis_only(backend: &str) -> Error {
     )
 }
 
-/// The server or the network dropped the connection (SQLSTATE class 08, admin shutdown).
-pub(crate) fn is_connection_lost(e: &Error) -> bool {
-    e.sqlstate
-        .as_deref()
-        .is_some_and(|s| s.starts_with("08") || s == "57P01")
-}
-
 impl Drop for Connection {
     fn drop(&mut self) {
         self.recorder.destroyed.inc();
     }
 }
 
-/// Whether a statement opens (`Some(true)`) or closes (`Some(false)`) a transaction.
-/// Reads the leading keyword after whitespace and comments; `ROLLBACK TO` keeps it open.
-pub(crate) fn transaction_effect(sql: &str) -> Option<bool> {
+/// The statement's first keyword, lower-cased, after whitespace and comments.
+pub(crate) fn leading_keyword(sql: &str) -> (String, &str) {
     let text = skip_comments(sql);
     let word: String = text
         .chars()
         .take_while(|c| c.is_ascii_alphabetic())
         .collect::<String>()
         .to_ascii_lowercase();
-    match word.as_str() {
-        "begin" | "start" | "savepoint" => Some(true),
-        "commit" | "end" | "abort" => Some(false),
-        "rollback" => {
-            let rest = text[word.len()..].trim_start().to_ascii_lowercase();
-            let rest = rest
-                .strip_prefix("work")
-                .or(rest.strip_prefix("transaction"))
-                .unwrap_or(&rest)
-                .trim_start()
-                .to_string();
-            if rest.starts_with("to") {
-                None
-            } else {
-                Some(false)
-            }
-        }
-        _ => None,
+    let rest = &text[word.len()..];
+    (word, rest)
+}
+
+fn is_commit(sql: &str) -> bool {
+    matches!(leading_keyword(sql).0.as_str(), "commit" | "end")
+}
+
+/// Whether a statement may leave state in the session beyond its own result: settings,
+/// prepared statements, cursors, listeners, locks held past the statement, temp tables,
+/// SQLite pragmas and attached databases. Read from the text, so it errs towards yes; it
+/// only keeps such statements out of shared pipelines and resets the session after them.
+pub(crate) fn changes_session(sql: &str) -> bool {
+    let (word, rest) = leading_keyword(sql);
+    let keyword = matches!(
+        word.as_str(),
+        "set"
+            | "reset"
+            | "prepare"
+            | "deallocate"
+            | "discard"
+            | "listen"
+            | "unlisten"
+            | "declare"
+            | "load"
+            | "lock"
+            | "pragma"
+            | "attach"
+            | "detach"
+    );
+    if keyword {
+        return true;
     }
+    let lower = sql.to_ascii_lowercase();
+    let temp_table = word == "create" && {
+        let next = rest.trim_start().to_ascii_lowercase();
+        next.starts_with("temp")
+            || next.starts_with("global temp")
+            || next.starts_with("local temp")
+    };
+    temp_table
+        || lower.contains("set_config")
+        || lower.contains("pg_advisory_lock")
+        || lower.contains("pg_try_advisory_lock")
+        || lower.contains("dblink_connect")
+}
+
+/// Whether a statement opens, ends or steps within a transaction (BEGIN, COMMIT, SAVEPOINT
+/// …): such a statement never shares a pipeline. The state itself is read from the server.
+pub(crate) fn is_transaction_control(sql: &str) -> bool {
+    matches!(
+        leading_keyword(sql).0.as_str(),
+        "begin" | "start" | "savepoint" | "release" | "commit" | "end" | "abort" | "rollback"
+    )
 }
 
 fn skip_comments(mut text: &str) -> &str {
@@ -345,16 +474,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transaction_keywords_are_recognised() {
-        assert_eq!(transaction_effect("BEGIN"), Some(true));
-        assert_eq!(
-            transaction_effect("  /* tx */ -- go\n start transaction isolation level serializable"),
-            Some(true)
-        );
-        assert_eq!(transaction_effect("commit"), Some(false));
-        assert_eq!(transaction_effect("ROLLBACK"), Some(false));
-        assert_eq!(transaction_effect("rollback to savepoint a"), None);
-        assert_eq!(transaction_effect("rollback work"), Some(false));
-        assert_eq!(transaction_effect("select 1"), None);
+    fn transaction_control_is_recognised_past_comments() {
+        for sql in [
+            "BEGIN",
+            "  /* tx */ -- go\n start transaction isolation level serializable",
+            "commit",
+            "ROLLBACK",
+            "rollback to savepoint a",
+            "release savepoint a",
+            "end",
+        ] {
+            assert!(is_transaction_control(sql), "{sql}");
+        }
+        assert!(!is_transaction_control("select 1"));
+        assert!(is_commit(" -- c\n COMMIT"));
+        assert!(!is_commit("rollback"));
+    }
+
+    #[test]
+    fn session_changing_statements_are_kept_out_of_pipelines() {
+        for sql in [
+            "set statement_timeout = 100",
+            "SET ROLE app",
+            "select set_config('app.user', '7', false)",
+            "select pg_advisory_lock(1)",
+            "create temp table t(x int)",
+            "CREATE TEMPORARY TABLE t(x int)",
+            "prepare p as select 1",
+            "listen fills",
+            "PRAGMA foreign_keys=OFF",
+            "attach database 'x.db' as x",
+        ] {
+            assert!(changes_session(sql), "{sql}");
+            assert!(
+                !Statement::Query(sql.into(), vec![]).can_pipeline(),
+                "{sql}"
+            );
+        }
+        for sql in [
+            "select 1",
+            "insert into t values (1)",
+            "create table t(x int)",
+        ] {
+            assert!(!changes_session(sql), "{sql}");
+            assert!(Statement::Query(sql.into(), vec![]).can_pipeline(), "{sql}");
+        }
+        assert!(!Statement::Command("BLMPOP".into(), vec![]).can_pipeline());
     }
 }

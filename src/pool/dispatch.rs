@@ -4,11 +4,14 @@
 //! statements. Statements that open or end a transaction never share a connection.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+
 use crate::error::{Error, ErrorCode, Phase, Result};
-use crate::pool::connection::{is_connection_lost, Outcome, Statement};
+use crate::pool::connection::{Outcome, Statement};
 use crate::pool::{Pool, PoolShared, Waiting};
 
 /// Called once with the statement's outcome, on a runtime thread.
@@ -45,13 +48,14 @@ impl Pool {
         }
         if !statement.can_pipeline() {
             let pool = self.clone();
+            let pending = Pending::new(done);
             s.runtime
-                .spawn(async move { done(pool.run(&statement.borrow()).await) });
+                .spawn(async move { pending.settle(pool.run(&statement.borrow()).await) });
             return;
         }
-        let status = s.pool.status();
+        let occupancy = s.inventory.occupancy();
         let mut queue = s.queue.lock();
-        if self.queue_full(queue.jobs.len(), &status) {
+        if self.queue_full(queue.jobs.len(), &occupancy) {
             drop(queue);
             s.recorder.gets.inc();
             s.recorder.rejected.inc();
@@ -62,7 +66,7 @@ impl Pool {
             submitted: Instant::now(),
             done,
         });
-        let max = status.max_size.max(1);
+        let max = occupancy.max_size.max(1);
         let start_dispatcher = queue.dispatchers < max && queue.dispatchers < queue.jobs.len();
         if start_dispatcher {
             queue.dispatchers += 1;
@@ -90,17 +94,36 @@ impl Pool {
     }
 }
 
+/// One dispatcher's claim on the queue; given up when it ends, even by a panic.
+struct Dispatcher<'a> {
+    pool: &'a Pool,
+}
+
+impl Drop for Dispatcher<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.pool.shared.queue.lock();
+        queue.dispatchers -= 1;
+        let orphaned = !queue.jobs.is_empty() && queue.dispatchers == 0;
+        if orphaned {
+            // A dispatcher that panicked leaves work behind: hand it to a new one.
+            queue.dispatchers += 1;
+            drop(queue);
+            self.pool.shared.runtime.spawn(dispatch(self.pool.clone()));
+        }
+    }
+}
+
 /// Takes batches off the queue until it is empty.
 async fn dispatch(pool: Pool) {
+    let _claim = Dispatcher { pool: &pool };
     loop {
         let (batch, waiting): (Vec<Job>, Waiting<'_>) = {
             let mut queue = pool.shared.queue.lock();
             if queue.jobs.is_empty() {
-                queue.dispatchers -= 1;
                 return;
             }
             // Spread the queue over every connection the pool may open.
-            let connections = pool.shared.pool.status().max_size.max(1);
+            let connections = pool.shared.inventory.occupancy().max_size.max(1);
             let take = queue.jobs.len().div_ceil(connections).clamp(1, MAX_BATCH);
             // Counted as waiting before the queue lock is let go: `maxWaiting` must never
             // see a statement in neither the queue nor the waiters.
@@ -110,11 +133,43 @@ async fn dispatch(pool: Pool) {
     }
 }
 
+/// A job's `done`, called exactly once: with the outcome, or with `INTERNAL` if serving it
+/// panicked, so no caller waits forever.
+pub(crate) struct Pending(Option<Done>);
+
+impl Pending {
+    pub(crate) fn new(done: Done) -> Pending {
+        Pending(Some(done))
+    }
+
+    pub(crate) fn settle(mut self, outcome: Result<Outcome>) {
+        if let Some(done) = self.0.take() {
+            done(outcome);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            done(Err(Error::internal(
+                "the statement's dispatcher failed unexpectedly (a bug); the statement may not have run",
+            )));
+        }
+    }
+}
+
 async fn serve(pool: &Pool, batch: Vec<Job>, waiting: Waiting<'_>) {
     let s = &pool.shared;
     let n = batch.len() as u64;
     s.recorder.gets.add(n);
     let oldest = batch[0].submitted;
+    let submitted: Vec<Instant> = batch.iter().map(|j| j.submitted).collect();
+    // `done` callbacks are Send but not Sync: keep them out of the futures that borrow.
+    let (statements, pending): (Vec<Statement>, Vec<Pending>) = batch
+        .into_iter()
+        .map(|j| (j.statement, Pending::new(j.done)))
+        .unzip();
     let checkout = Box::pin(pool.checkout(oldest, oldest + s.config.acquire_timeout, None)).await;
     drop(waiting);
     let lease = match checkout {
@@ -124,50 +179,52 @@ async fn serve(pool: &Pool, batch: Vec<Job>, waiting: Waiting<'_>) {
             for _ in 1..n {
                 count_failure(pool, &err);
             }
-            for job in batch {
-                (job.done)(Err(err.clone()));
+            for p in pending {
+                p.settle(Err(err.clone()));
             }
             return;
         }
     };
     let picked = Instant::now();
     s.recorder.successful_gets.add(n - 1);
-    for job in &batch[1..] {
+    for at in &submitted[1..] {
         s.recorder
             .acquire_latency
-            .record(picked.saturating_duration_since(job.submitted));
+            .record(picked.saturating_duration_since(*at));
     }
-    // `done` callbacks are Send but not Sync: keep them out of the futures that borrow.
-    let (statements, dones): (Vec<Statement>, Vec<Done>) =
-        batch.into_iter().map(|j| (j.statement, j.done)).unzip();
     let results = {
         let conn = match lease.connection() {
             Ok(c) => c,
             Err(e) => {
-                for done in dones {
-                    done(Err(e.clone()));
+                for p in pending {
+                    p.settle(Err(e.clone()));
                 }
                 return;
             }
         };
-        futures::future::join_all(
+        let run = futures::future::join_all(
             statements
                 .iter()
                 .map(|st| async move { conn.run(&st.borrow()).await }),
-        )
-        .await
+        );
+        match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(results) => results,
+            // `pending` settles every caller with INTERNAL as it drops.
+            Err(_) => return,
+        }
     };
-    let reused = lease.reused;
     drop(lease);
-    for ((statement, done), result) in statements.into_iter().zip(dones).zip(results) {
+    for ((statement, p), result) in statements.into_iter().zip(pending).zip(results) {
         match result {
-            // The pooled connection was lost under it: once more on a fresh connection.
-            Err(e) if reused && is_connection_lost(&e) => {
+            // Found lost before any of it was written: it never ran, so it may run elsewhere.
+            Err(e) if e.never_sent() => {
                 let pool = pool.clone();
-                s.runtime
-                    .spawn(async move { done(pool.run(&statement.borrow()).await) });
+                s.runtime.spawn(async move {
+                    let outcome = pool.run(&statement.borrow()).await;
+                    p.settle(outcome)
+                });
             }
-            other => done(other),
+            other => p.settle(other),
         }
     }
 }

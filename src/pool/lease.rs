@@ -1,56 +1,95 @@
 //! A lease: one connection checked out of a pool, returned clean exactly once.
 
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deadpool::managed::Object;
+use futures::FutureExt;
+use tokio::runtime::Handle;
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::metrics::LiveToken;
-use crate::pool::connection::Connection;
-use crate::pool::manager::Manager;
-use crate::pool::PoolShared;
+use crate::pool::connection::{Connection, Operation, Outcome, Statement};
+use crate::pool::dispatch::{Done, Pending};
+use crate::pool::{PoolShared, NEVER_SENT_RETRIES};
 
 /// How long a returned connection may take to roll back before it is closed instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Lease {
-    object: Option<Object<Manager>>,
+    conn: Option<Box<Connection>>,
     shared: Arc<PoolShared>,
     acquired: Instant,
-    /// Whether the connection was reused (not freshly opened) — a lost one may be retried.
-    pub(crate) reused: bool,
+    /// Nothing has run on it yet, so nothing can be lost by moving it to another connection.
+    fresh: bool,
+    /// Its connection was lost and could not be replaced.
+    lost: bool,
     tracking: Option<LiveToken>,
 }
 
 impl Lease {
     pub(crate) fn new(
-        object: Object<Manager>,
+        conn: Box<Connection>,
         shared: Arc<PoolShared>,
-        reused: bool,
         tracking: Option<LiveToken>,
     ) -> Lease {
         Lease {
-            object: Some(object),
+            conn: Some(conn),
             shared,
             acquired: Instant::now(),
-            reused,
+            fresh: true,
+            lost: false,
             tracking,
         }
     }
 
     /// The connection, or `POOL_CLOSED` once released.
     pub fn connection(&self) -> Result<&Connection> {
-        self.object.as_deref().ok_or_else(|| {
-            Error::new(
-                ErrorCode::PoolClosed,
-                "this connection was already released to its pool",
-            )
+        self.conn.as_deref().ok_or_else(|| {
+            if self.lost {
+                Error::connection_lost(false, "this lease's connection was lost earlier")
+            } else {
+                Error::new(
+                    ErrorCode::PoolClosed,
+                    "this connection was already released to its pool",
+                )
+            }
         })
     }
 
+    /// Runs one operation on the leased connection. Only the lease's first statement may
+    /// move to another connection, and only when it provably never reached the server:
+    /// after that the session (a transaction, settings) lives on this connection alone.
+    pub async fn run(&mut self, op: &Operation<'_>) -> Result<Outcome> {
+        let mut tries = 0;
+        loop {
+            let result = Box::pin(self.connection()?.run(op)).await;
+            match result {
+                Err(e) if e.never_sent() && self.fresh && tries < NEVER_SENT_RETRIES => {
+                    tries += 1;
+                    if let Some(dead) = self.conn.take() {
+                        self.shared.inventory.discard(dead);
+                    }
+                    let deadline = Instant::now() + self.shared.config.acquire_timeout;
+                    match Box::pin(self.shared.inventory.checkout(deadline)).await {
+                        Ok(conn) => self.conn = Some(conn),
+                        Err(replacement) => {
+                            self.lost = true;
+                            return Err(replacement);
+                        }
+                    }
+                }
+                other => {
+                    self.fresh = false;
+                    return other;
+                }
+            }
+        }
+    }
+
     pub fn is_released(&self) -> bool {
-        self.object.is_none()
+        self.conn.is_none() && !self.lost
     }
 
     /// How long this lease has been held.
@@ -69,7 +108,8 @@ impl Lease {
     }
 
     fn finish(&mut self, leaked: bool) {
-        let Some(mut object) = self.object.take() else {
+        self.lost = false;
+        let Some(mut conn) = self.conn.take() else {
             return;
         };
         self.tracking = None;
@@ -78,30 +118,143 @@ impl Lease {
         if leaked {
             recorder.leaked_leases.inc();
         }
-        if object.is_unusable() || self.shared.is_closed() {
-            drop(Object::take(object));
+        let inventory = Arc::clone(&self.shared.inventory);
+        // Dropped while unwinding a panic: the statement may be half done.
+        if conn.is_unusable() || std::thread::panicking() {
+            inventory.discard(conn);
             return;
         }
-        if leaked || object.needs_reset() {
+        if leaked || conn.needs_reset() {
             let reset = async move {
-                match tokio::time::timeout(RESET_TIMEOUT, object.reset()).await {
-                    Ok(Ok(())) => {
-                        object.last_returned = Instant::now();
-                        drop(object);
+                match tokio::time::timeout(RESET_TIMEOUT, conn.reset()).await {
+                    Ok(Ok(())) if !conn.is_unusable() => {
+                        conn.last_returned = Instant::now();
+                        conn.last_checked = conn.last_returned;
+                        inventory.give_back(conn);
                     }
-                    _ => drop(Object::take(object)),
+                    _ => inventory.discard(conn),
                 }
             };
             self.shared.runtime.spawn(reset);
             return;
         }
-        object.last_returned = Instant::now();
-        drop(object);
+        conn.last_returned = Instant::now();
+        conn.last_checked = conn.last_returned;
+        inventory.give_back(conn);
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.finish(false);
+    }
+}
+
+/// What an [`OrderedLease`] has been asked to do, in order.
+enum Work {
+    Run(Statement, Pending),
+    Finish { leaked: bool },
+}
+
+struct Ordered {
+    queue: VecDeque<Work>,
+    running: bool,
+    released: bool,
+}
+
+/// A lease whose statements are issued without waiting (a JS handle): they run one at a
+/// time in the order issued, and a release runs after everything issued before it. A
+/// statement issued after the release is refused, so none can land outside the lease's
+/// transaction.
+pub struct OrderedLease {
+    state: parking_lot::Mutex<Ordered>,
+    lease: tokio::sync::Mutex<Lease>,
+    runtime: Handle,
+}
+
+impl OrderedLease {
+    pub fn new(lease: Lease) -> Arc<OrderedLease> {
+        let runtime = lease.shared.runtime.clone();
+        Arc::new(OrderedLease {
+            state: parking_lot::Mutex::new(Ordered {
+                queue: VecDeque::new(),
+                running: false,
+                released: false,
+            }),
+            lease: tokio::sync::Mutex::new(lease),
+            runtime,
+        })
+    }
+
+    /// Queues one statement behind those issued before it; `done` gets its outcome.
+    pub fn submit(self: &Arc<Self>, statement: Statement, done: Done) {
+        let mut state = self.state.lock();
+        if state.released {
+            drop(state);
+            return done(Err(Error::new(
+                ErrorCode::PoolClosed,
+                "this connection was already released to its pool",
+            )));
+        }
+        state
+            .queue
+            .push_back(Work::Run(statement, Pending::new(done)));
+        self.ensure_running(&mut state);
+    }
+
+    /// Releases after everything issued so far (at once when nothing is). Idempotent.
+    pub fn release(self: &Arc<Self>, leaked: bool) {
+        let mut state = self.state.lock();
+        if state.released {
+            return;
+        }
+        state.released = true;
+        if !state.running && state.queue.is_empty() {
+            if let Ok(mut lease) = self.lease.try_lock() {
+                drop(state);
+                return lease.finish(leaked);
+            }
+        }
+        state.queue.push_back(Work::Finish { leaked });
+        self.ensure_running(&mut state);
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.state.lock().released
+    }
+
+    fn ensure_running(self: &Arc<Self>, state: &mut Ordered) {
+        if !state.running {
+            state.running = true;
+            self.runtime.spawn(Arc::clone(self).drain());
+        }
+    }
+
+    async fn drain(self: Arc<Self>) {
+        loop {
+            let work = {
+                let mut state = self.state.lock();
+                match state.queue.pop_front() {
+                    Some(w) => w,
+                    None => {
+                        state.running = false;
+                        return;
+                    }
+                }
+            };
+            let mut lease = self.lease.lock().await;
+            match work {
+                Work::Run(statement, pending) => {
+                    let op = statement.borrow();
+                    let run = lease.run(&op);
+                    // A panic settles the caller with INTERNAL (as `pending` drops) and the
+                    // queue goes on.
+                    if let Ok(outcome) = AssertUnwindSafe(run).catch_unwind().await {
+                        pending.settle(outcome);
+                    }
+                }
+                Work::Finish { leaked } => lease.finish(leaked),
+            }
+        }
     }
 }

@@ -1,12 +1,13 @@
-//! Connection pools for PostgreSQL, SQLite and Redis on deadpool: one acquire deadline,
-//! validation on checkout, background retirement and keepalive, clean return of every lease.
+//! Connection pools for PostgreSQL, SQLite and Redis: one acquire deadline, validation on
+//! checkout, paced opening, background retirement and keepalive, clean return of every lease.
 
 pub mod config;
 pub mod connection;
+pub mod connector;
 pub mod dispatch;
 pub mod health;
+pub mod inventory;
 pub mod lease;
-pub mod manager;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;
@@ -17,9 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{Object, PoolError, TimeoutType, Timeouts};
-use deadpool::Runtime;
-use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 
@@ -27,20 +25,22 @@ pub use config::{PoolConfig, PoolOptions, Target};
 pub use connection::{Connection, Operation, Outcome, Statement};
 pub use dispatch::Done;
 pub use health::{PoolHealth, PoolMetrics, PoolStatus, Recommendation};
-pub use lease::Lease;
+pub use lease::{Lease, OrderedLease};
 pub use value::{ExecuteResult, QueryResult, Value};
 
 use crate::error::{Error, ErrorCode, Phase, Result};
 use crate::metrics::{LiveResource, PoolGauges, PoolRecorder, Registry};
 use crate::shared::{Directory, Shareable};
-use manager::{AcquireContext, Manager, ACQUIRE};
+use connector::{Connector, VALIDATION_GRACE};
+use inventory::Inventory;
 use sqlite::SqliteTarget;
 
-type Inner = deadpool::managed::Pool<Manager>;
+/// Most times a statement that never reached the server is tried on another connection.
+const NEVER_SENT_RETRIES: usize = 3;
 
 /// State shared by the pool and every lease it hands out.
 pub(crate) struct PoolShared {
-    pool: Inner,
+    pub(crate) inventory: Arc<Inventory>,
     pub(crate) config: Arc<PoolConfig>,
     pub(crate) recorder: Arc<PoolRecorder>,
     registry: Arc<Registry>,
@@ -92,15 +92,15 @@ impl Pool {
             }
             _ => (None, None),
         };
-        let manager = Manager::new(Arc::clone(&config), Arc::clone(&recorder), memory)?;
-        let pool = Inner::builder(manager)
-            .max_size(config.max_size)
-            .runtime(Runtime::Tokio1)
-            .queue_mode(deadpool::managed::QueueMode::Lifo)
-            .build()
-            .map_err(|e| Error::internal(format!("pool could not be built: {e}")))?;
+        let connector = Connector::new(Arc::clone(&config), Arc::clone(&recorder), memory)?;
+        let inventory = Inventory::new(
+            connector,
+            Arc::clone(&config),
+            Arc::clone(&recorder),
+            runtime.clone(),
+        );
         let shared = Arc::new(PoolShared {
-            pool,
+            inventory,
             config,
             recorder: Arc::clone(&recorder),
             registry,
@@ -135,12 +135,12 @@ impl Pool {
 
     /// True when a new caller would wait behind `maxWaiting` others. Callers that a free
     /// slot will serve (a connection still to be opened) are not counted as waiting.
-    pub(crate) fn queue_full(&self, queued: usize, st: &deadpool::Status) -> bool {
+    pub(crate) fn queue_full(&self, queued: usize, occ: &inventory::Occupancy) -> bool {
         let s = &self.shared;
-        if st.available > 0 {
+        if occ.idle > 0 {
             return false;
         }
-        let free_slots = st.max_size.saturating_sub(st.size);
+        let free_slots = occ.max_size.saturating_sub(occ.open + occ.opening);
         s.waiters.load(Ordering::Relaxed) + queued >= s.config.max_waiting + free_slots
     }
 
@@ -161,7 +161,7 @@ impl Pool {
         s.recorder.gets.inc();
         let started = Instant::now();
         let queued = s.queue.lock().len();
-        if self.queue_full(queued, &s.pool.status()) {
+        if self.queue_full(queued, &s.inventory.occupancy()) {
             s.recorder.rejected.inc();
             return Err(self.exhausted_error());
         }
@@ -188,31 +188,8 @@ impl Pool {
         deadline: Instant,
         stack: Option<String>,
     ) -> Result<Lease> {
-        let s = &self.shared;
-        let ctx = AcquireContext::new(deadline, false);
-        let budget = Some(deadline.saturating_duration_since(Instant::now()));
-        let timeouts = Timeouts {
-            wait: budget,
-            create: budget,
-            recycle: budget,
-        };
-        // Boxed: the connect path makes this future several KB, and callers move theirs around.
-        let get = Box::pin(ACQUIRE.scope(Arc::clone(&ctx), s.pool.timeout_get(&timeouts)));
-        let outcome = tokio::time::timeout_at(deadline.into(), get).await;
-        let result = match outcome {
-            Ok(Ok(object)) => Ok(object),
-            Ok(Err(PoolError::Timeout(t))) => Err(self.timeout_error(match t {
-                TimeoutType::Wait => Phase::Wait,
-                TimeoutType::Create => Phase::Connect,
-                TimeoutType::Recycle => Phase::Validate,
-            })),
-            Ok(Err(PoolError::Backend(e))) => Err(e),
-            Ok(Err(PoolError::Closed)) => Err(self.closed_error()),
-            Ok(Err(other)) => Err(Error::internal(format!("pool error: {other}"))),
-            Err(_) => Err(self.timeout_error(ctx.phase())),
-        };
-        let object = result?;
-        Ok(self.lease(object, started, stack))
+        let conn = Box::pin(self.shared.inventory.checkout(deadline)).await?;
+        Ok(self.lease(conn, started, stack))
     }
 
     /// A connection that is idle right now, or `None`; never waits, connects or pings.
@@ -231,47 +208,26 @@ impl Pool {
             return Err(self.closed_error());
         }
         let s = &self.shared;
-        if s.pool.status().available == 0 {
+        let started = Instant::now();
+        let Some(conn) = s.inventory.take_idle() else {
+            return Ok(None);
+        };
+        if recently_used && conn.last_checked.elapsed() >= VALIDATION_GRACE {
+            // Idle too long to hand out unchecked: back untouched, for a validated checkout.
+            s.inventory.give_back(conn);
             return Ok(None);
         }
-        let started = Instant::now();
-        let _runtime = s.runtime.enter();
-        let ctx = AcquireContext::new(started + s.config.acquire_timeout, true);
-        // Zero wait takes deadpool's non-blocking path; no recycle timeout (recycle does not
-        // await when validation is skipped), so no timer is armed.
-        let no_wait = Timeouts {
-            wait: Some(Duration::ZERO),
-            create: Some(Duration::ZERO),
-            recycle: None,
-        };
-        match ACQUIRE
-            .scope(ctx, s.pool.timeout_get(&no_wait))
-            .now_or_never()
-        {
-            Some(Ok(object)) => {
-                if recently_used && object.last_returned.elapsed() >= manager::VALIDATION_GRACE {
-                    // Idle too long to hand out unchecked: back untouched, for a validated checkout.
-                    drop(object);
-                    return Ok(None);
-                }
-                s.recorder.gets.inc();
-                Ok(Some(self.lease(object, started, stack)))
-            }
-            Some(Err(PoolError::Closed)) => Err(self.closed_error()),
-            _ => Ok(None),
-        }
+        s.recorder.gets.inc();
+        Ok(Some(self.lease(conn, started, stack)))
     }
 
-    fn lease(&self, object: Object<Manager>, started: Instant, stack: Option<String>) -> Lease {
+    fn lease(&self, conn: Box<Connection>, started: Instant, stack: Option<String>) -> Lease {
         let s = &self.shared;
         s.recorder.successful_gets.inc();
         s.recorder.acquire_latency.record(started.elapsed());
-        let reused = Object::metrics(&object).recycle_count > 0;
-        let status = s.pool.status();
-        s.peak_in_use.fetch_max(
-            status.size.saturating_sub(status.available),
-            Ordering::Relaxed,
-        );
+        let occ = s.inventory.occupancy();
+        s.peak_in_use
+            .fetch_max(occ.open.saturating_sub(occ.idle), Ordering::Relaxed);
         let tracking = (!s.config.leak_detection.is_zero()).then(|| {
             s.registry.live.track(LiveResource {
                 kind: "lease",
@@ -281,49 +237,26 @@ impl Pool {
                 stack,
             })
         });
-        Lease::new(object, Arc::clone(s), reused, tracking)
+        Lease::new(conn, Arc::clone(s), tracking)
     }
 
     pub(crate) fn timeout_error(&self, phase: Phase) -> Error {
-        let s = &self.shared;
-        match phase {
-            Phase::Wait => s.recorder.timeouts_wait.inc(),
-            Phase::Connect => s.recorder.timeouts_connect.inc(),
-            Phase::Validate => s.recorder.timeouts_validate.inc(),
-        }
-        let g = self.gauges();
-        let what = match phase {
-            Phase::Wait => "waiting for a free connection",
-            Phase::Connect => "opening a new connection",
-            Phase::Validate => "validating an idle connection",
-        };
-        Error::new(
-            ErrorCode::PoolTimeout,
-            format!(
-                "pool '{}' timed out after {} ms {what} ({} of {} in use, {} waiting); raise maxSize or acquireTimeoutMs, or shed load",
-                self.name(),
-                s.config.acquire_timeout.as_millis(),
-                g.in_use,
-                g.max_size,
-                g.waiting
-            ),
-        )
-        .with_phase(phase)
+        self.shared.inventory.timeout(phase)
     }
 
-    /// Checks out a connection, runs one operation and returns the connection. A connection
-    /// found lost on its first statement is replaced and the operation tried once more.
+    /// Checks out a connection, runs one operation and returns the connection. A statement
+    /// that provably never reached the server (its connection was found lost before any of
+    /// it was written) is run on another connection; one that may have run never is.
     pub async fn run(&self, op: &Operation<'_>) -> Result<Outcome> {
-        let lease = self.acquire(None).await?;
-        let result = Box::pin(lease.connection()?.run(op)).await;
-        if let Err(e) = &result {
-            if connection::is_connection_lost(e) && lease.reused {
-                drop(lease);
-                let fresh = Box::pin(self.acquire(None)).await?;
-                return Box::pin(fresh.connection()?.run(op)).await;
+        let mut tries = 0;
+        loop {
+            let lease = self.acquire(None).await?;
+            let result = Box::pin(lease.connection()?.run(op)).await;
+            match result {
+                Err(e) if e.never_sent() && tries < NEVER_SENT_RETRIES => tries += 1,
+                other => return other,
             }
         }
-        result
     }
 
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
@@ -340,16 +273,16 @@ impl Pool {
     }
 
     fn gauges(&self) -> PoolGauges {
-        let st = self.shared.pool.status();
+        let occ = self.shared.inventory.occupancy();
         PoolGauges {
             max_size: if self.is_closed() {
                 0
             } else {
-                st.max_size as u64
+                occ.max_size as u64
             },
-            size: st.size as u64,
-            idle: st.available as u64,
-            in_use: st.size.saturating_sub(st.available) as u64,
+            size: occ.open as u64,
+            idle: occ.idle as u64,
+            in_use: occ.open.saturating_sub(occ.idle) as u64,
             waiting: (self.shared.waiters.load(Ordering::Relaxed) + self.shared.queue.lock().len())
                 as u64,
         }
@@ -404,7 +337,7 @@ impl Pool {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        self.shared.pool.resize(max_size);
+        self.shared.inventory.resize(max_size);
         Ok(())
     }
 
@@ -414,8 +347,9 @@ impl Pool {
         self.shared.closed.store(true, Ordering::Release);
     }
 
-    /// Stops new work, lets queued and running work finish within `timeout`, then closes
-    /// every connection. Leases still out are closed when they come back.
+    /// Stops new work, lets queued and running work finish within `timeout` (connections
+    /// returned meanwhile serve the queue), then closes every connection. Leases still out
+    /// are closed when they come back.
     pub async fn close(&self, timeout: Duration) -> Result<()> {
         self.refuse_new_work();
         let deadline = Instant::now() + timeout;
@@ -426,7 +360,7 @@ impl Pool {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.shared.pool.close();
+        self.shared.inventory.close();
         self.shared._memory_anchor.lock().take();
         Ok(())
     }
@@ -522,7 +456,8 @@ async fn maintain(pool: Weak<PoolShared>) {
             ping_idle(&shared, keepalive).await;
             last_keepalive = Instant::now();
         }
-        fill_min_idle(&shared).await;
+        // Keeps `minIdle` open (one connect at a time) and replaces retired connections.
+        shared.inventory.open_if_needed();
         drop(shared);
         tokio::time::sleep(tick).await;
     }
@@ -540,57 +475,27 @@ fn maintenance_tick(config: &PoolConfig) -> Duration {
 
 fn retire(shared: &PoolShared) {
     let config = &shared.config;
-    let mut remaining = shared.pool.status().size;
-    let removed = shared.pool.retain(|conn, _| {
-        let idle_too_long = !config.idle_timeout.is_zero()
-            && conn.last_returned.elapsed() >= config.idle_timeout
-            && remaining > config.min_idle;
-        let retire = conn.is_expired() || conn.is_unusable() || idle_too_long;
-        if retire {
-            remaining -= 1;
-        }
-        !retire
+    let removed = shared.inventory.retire(config.min_idle, |conn| {
+        !config.idle_timeout.is_zero() && conn.last_returned.elapsed() >= config.idle_timeout
     });
-    shared.recorder.recycled.add(removed.removed.len() as u64);
+    shared.recorder.recycled.add(removed as u64);
 }
 
-async fn ping_idle(shared: &PoolShared, keepalive: Duration) {
-    let idle = shared.pool.status().available;
-    let no_wait = Timeouts {
-        wait: Some(Duration::ZERO),
-        create: Some(Duration::ZERO),
-        recycle: Some(shared.config.connect_timeout),
-    };
-    let mut held = Vec::with_capacity(idle);
-    for _ in 0..idle {
-        // Checkout validates anything idle past the grace period, which is the ping.
-        let ctx = AcquireContext::new(Instant::now() + shared.config.connect_timeout, false);
-        match ACQUIRE.scope(ctx, shared.pool.timeout_get(&no_wait)).await {
-            Ok(mut object) => {
-                if object.last_returned.elapsed() >= keepalive / 2 {
-                    object.last_returned = Instant::now();
-                }
-                held.push(object);
-            }
-            Err(_) => break,
+/// Pings idle connections not heard from in `keepalive / 2`, one at a time, so a pool of
+/// idle connections never has them all out at once.
+async fn ping_idle(shared: &Arc<PoolShared>, keepalive: Duration) {
+    let inventory = &shared.inventory;
+    let count = inventory.occupancy().idle;
+    for _ in 0..count {
+        let Some(mut conn) = inventory.take_for_ping(keepalive / 2) else {
+            return;
+        };
+        let answered = tokio::time::timeout(shared.config.connect_timeout, conn.ping())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if answered {
+            conn.last_checked = Instant::now();
         }
+        inventory.after_ping(conn, answered);
     }
-}
-
-async fn fill_min_idle(shared: &PoolShared) {
-    let want = shared.config.min_idle;
-    let status = shared.pool.status();
-    if status.size >= want || shared.waiters.load(Ordering::Relaxed) > 0 {
-        return;
-    }
-    let timeouts = Timeouts {
-        wait: Some(Duration::ZERO),
-        create: Some(shared.config.connect_timeout),
-        recycle: Some(shared.config.connect_timeout),
-    };
-    // Checkouts take idle connections first, so ask for enough to open the missing ones.
-    let missing = (want - status.size + status.available).min(status.max_size);
-    let opened =
-        futures::future::join_all((0..missing).map(|_| shared.pool.timeout_get(&timeouts))).await;
-    drop(opened);
 }

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, TlsCertificates, Value as RedisValue};
 
 use crate::error::{Error, ErrorCode, Phase, Result};
@@ -98,12 +98,14 @@ pub fn is_permanent(err: &Error) -> bool {
 }
 
 fn command_error(e: redis::RedisError) -> Error {
-    let code = e.code().map(str::to_string);
-    let mut err = Error::new(ErrorCode::QueryFailed, e.to_string());
-    if let Some(code) = code {
-        err = err.with_sqlstate(code);
+    if let Some(code) = e.code() {
+        return Error::new(ErrorCode::QueryFailed, e.to_string()).with_sqlstate(code);
     }
-    err
+    if e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error() {
+        // The command was handed to the connection; whether Redis ran it is unknown.
+        return Error::connection_lost(true, e.to_string());
+    }
+    Error::new(ErrorCode::QueryFailed, e.to_string())
 }
 
 fn arg(cmd: &mut redis::Cmd, value: &Value, position: usize) -> Result<()> {
@@ -142,6 +144,14 @@ pub fn build_command(name: &str, args: &[Value]) -> Result<redis::Cmd> {
     Ok(cmd)
 }
 
+/// A reply inside an array: an error reply stays in its place (the rest were applied).
+fn element(v: RedisValue) -> Result<Value> {
+    match reply(v) {
+        Err(e) if e.sqlstate.is_some() => Ok(Value::Failed(Box::new(e))),
+        other => other,
+    }
+}
+
 fn reply(v: RedisValue) -> Result<Value> {
     Ok(match v {
         RedisValue::Nil => Value::Null,
@@ -151,7 +161,7 @@ fn reply(v: RedisValue) -> Result<Value> {
             Err(e) => Value::Bytes(e.into_bytes()),
         },
         RedisValue::Array(items) | RedisValue::Set(items) => {
-            Value::Array(items.into_iter().map(reply).collect::<Result<_>>()?)
+            Value::Array(items.into_iter().map(element).collect::<Result<_>>()?)
         }
         RedisValue::SimpleString(s) => Value::Text(s),
         RedisValue::Okay => Value::Text("OK".into()),
@@ -199,8 +209,12 @@ impl RedisConnection {
     pub async fn command(&self, name: &str, args: &[Value]) -> Result<Value> {
         let cmd = build_command(name, args)?;
         self.track(name);
-        let out: RedisValue = cmd
-            .query_async(&mut self.conn.clone())
+        // The raw reply: an EXEC whose array holds one command's error must not turn into
+        // one error for all (the others were applied).
+        let out = self
+            .conn
+            .clone()
+            .req_packed_command(&cmd)
             .await
             .map_err(command_error)?;
         reply(out)
@@ -208,6 +222,8 @@ impl RedisConnection {
 
     pub async fn pipeline(&self, commands: &[(String, Vec<Value>)]) -> Result<Vec<Value>> {
         let mut pipe = redis::pipe();
+        // Each command's error reply in its place: the others ran and must not look failed.
+        pipe.ignore_errors();
         for (name, args) in commands {
             pipe.add_command(build_command(name, args)?);
         }
@@ -218,7 +234,7 @@ impl RedisConnection {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(command_error)?;
-        out.into_iter().map(reply).collect()
+        out.into_iter().map(element).collect()
     }
 
     pub async fn ping(&self) -> Result<()> {

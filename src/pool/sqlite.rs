@@ -8,6 +8,7 @@ use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 
 use crate::error::{Error, ErrorCode, Phase, Result};
+use crate::pool::connection::leading_keyword;
 use crate::pool::value::{timestamp_to_iso, ExecuteResult, QueryResult, Value};
 
 /// Largest integer JavaScript holds exactly; larger SQLite integers become `bigint`.
@@ -104,7 +105,7 @@ struct Param<'a>(&'a Value);
 impl rusqlite::ToSql for Param<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         Ok(match self.0 {
-            Value::Null => ToSqlOutput::Owned(SqlValue::Null),
+            Value::Null | Value::Failed(_) => ToSqlOutput::Owned(SqlValue::Null),
             Value::Bool(b) => ToSqlOutput::Owned(SqlValue::Integer(*b as i64)),
             Value::Int(i) | Value::BigInt(i) => ToSqlOutput::Owned(SqlValue::Integer(*i)),
             Value::Float(f) => ToSqlOutput::Owned(SqlValue::Real(*f)),
@@ -160,6 +161,7 @@ fn run_query(conn: &Connection, sql: &str, params: &[Value]) -> Result<QueryResu
 }
 
 fn run_execute(conn: &Connection, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
+    let rowid_before = conn.last_insert_rowid();
     let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
     let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
     let changed = if stmt.column_count() == 0 {
@@ -173,10 +175,18 @@ fn run_execute(conn: &Connection, sql: &str, params: &[Value]) -> Result<Execute
         while rows.next().map_err(query_error)?.is_some() {}
         conn.changes()
     };
+    // SQLite keeps the last rowid of any earlier insert: report one only if this
+    // statement inserted (the rowid moved, or an insert/replace changed rows).
+    let rowid = conn.last_insert_rowid();
+    let inserted = rowid != rowid_before || (changed > 0 && is_insert(sql));
     Ok(ExecuteResult {
         row_count: changed,
-        last_insert_id: Some(conn.last_insert_rowid()),
+        last_insert_id: inserted.then_some(rowid),
     })
+}
+
+fn is_insert(sql: &str) -> bool {
+    matches!(leading_keyword(sql).0.as_str(), "insert" | "replace")
 }
 
 impl SqliteConnection {
@@ -200,9 +210,9 @@ impl SqliteConnection {
         self.blocking(move |c| run_execute(c, &sql, &params)).await
     }
 
-    /// True while a transaction is open on this connection.
-    pub fn in_transaction(&self) -> bool {
-        self.conn.try_lock().is_some_and(|c| !c.is_autocommit())
+    /// Whether a transaction is open on this connection; `None` while a statement holds it.
+    pub fn in_transaction(&self) -> Option<bool> {
+        self.conn.try_lock().map(|c| !c.is_autocommit())
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -252,9 +262,9 @@ mod tests {
             .await
             .unwrap();
         c.execute("begin", &[]).await.unwrap();
-        assert!(c.in_transaction());
+        assert_eq!(c.in_transaction(), Some(true));
         c.rollback().await.unwrap();
-        assert!(!c.in_transaction());
+        assert_eq!(c.in_transaction(), Some(false));
         let e = c.query("selec 1", &[]).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::QueryFailed);
         let e = c.query("select ?1", &[]).await.unwrap_err();

@@ -20,6 +20,9 @@ pub enum Value {
     /// Milliseconds since the Unix epoch (JavaScript `Date`).
     Timestamp(f64),
     Array(Vec<Value>),
+    /// A Redis error reply inside an array (one failed command of an EXEC or a pipeline):
+    /// the others in the array were applied.
+    Failed(Box<crate::error::Error>),
 }
 
 impl Value {
@@ -35,13 +38,14 @@ impl Value {
             Value::Json(_) => "object",
             Value::Timestamp(_) => "Date",
             Value::Array(_) => "array",
+            Value::Failed(_) => "Error",
         }
     }
 
     /// Text form used where a backend only takes strings (Redis arguments, SQLite dates).
     pub fn to_text(&self) -> Option<String> {
         match self {
-            Value::Null => None,
+            Value::Null | Value::Failed(_) => None,
             Value::Bool(b) => Some(b.to_string()),
             Value::Int(i) | Value::BigInt(i) => Some(i.to_string()),
             Value::Float(f) => Some(format_float(*f)),
@@ -59,7 +63,7 @@ impl Value {
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::Value as J;
         match self {
-            Value::Null => J::Null,
+            Value::Null | Value::Failed(_) => J::Null,
             Value::Bool(b) => J::Bool(*b),
             Value::Int(i) | Value::BigInt(i) => J::from(*i),
             Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),

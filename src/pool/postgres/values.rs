@@ -1,281 +1,23 @@
-//! PostgreSQL connections on tokio-postgres: statement cache, value mapping both ways.
+//! PostgreSQL values both ways: JS values bound as parameters of the statement's types, and
+//! result cells decoded from the binary format.
 
-use std::collections::HashMap;
 use std::error::Error as StdError;
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_types::{to_sql_checked, FromSql, IsNull, Kind, ToSql, Type};
-use tokio_postgres::{Client, Row, Statement};
 
-use crate::error::{Error, ErrorCode, Phase, Result};
-use crate::pool::value::{ExecuteResult, QueryResult, Value};
+use crate::pool::value::Value;
 
 type BoxError = Box<dyn StdError + Sync + Send>;
 
-/// Bound on prepared statements kept per connection.
-const STATEMENT_CACHE_SIZE: usize = 256;
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
-/// A prepared statement and the column names every result of it shares.
-#[derive(Clone)]
-struct Prepared {
-    statement: Statement,
-    columns: Arc<[String]>,
-}
-
-fn column_names(statement: &Statement) -> Arc<[String]> {
-    statement
-        .columns()
-        .iter()
-        .map(|c| c.name().to_string())
-        .collect()
-}
-
-pub struct PgConnection {
-    client: Client,
-    /// Prepared statements with their column names, so a query allocates no names.
-    statements: parking_lot::Mutex<HashMap<Arc<str>, Prepared>>,
-    statement_cache: bool,
-}
-
-/// Opens one connection; the whole startup (TCP, TLS, auth) is bounded by `timeout`.
-pub async fn connect(
-    config: &tokio_postgres::Config,
-    tls: Option<&tokio_postgres_rustls::MakeRustlsConnect>,
-    timeout: Duration,
-    statement_cache: bool,
-) -> Result<PgConnection> {
-    let attempt = async {
-        match tls {
-            Some(tls) => {
-                let (client, conn) = config.connect(tls.clone()).await?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok::<_, tokio_postgres::Error>(client)
-            }
-            None => {
-                let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok(client)
-            }
-        }
-    };
-    let client = match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(client)) => client,
-        Ok(Err(e)) => return Err(connect_error(&e)),
-        Err(_) => {
-            return Err(Error::new(
-                ErrorCode::ConnectFailed,
-                format!(
-                    "PostgreSQL did not complete startup within connectTimeoutMs ({} ms)",
-                    timeout.as_millis()
-                ),
-            )
-            .with_phase(Phase::Connect))
-        }
-    };
-    Ok(PgConnection {
-        client,
-        statements: parking_lot::Mutex::new(HashMap::new()),
-        statement_cache,
-    })
-}
-
-/// True when retrying cannot help: bad credentials, missing database, TLS refusal.
-pub fn is_permanent(err: &Error) -> bool {
-    matches!(
-        err.sqlstate.as_deref(),
-        Some("28P01") | Some("28000") | Some("3D000") | Some("42501")
-    ) || err.message.contains("certificate")
-        || err.message.contains("TLS")
-        || err.message.contains("invalid configuration")
-}
-
-fn connect_error(e: &tokio_postgres::Error) -> Error {
-    let detail = describe(e);
-    let mut err = Error::new(
-        ErrorCode::ConnectFailed,
-        format!("could not connect to PostgreSQL: {detail}"),
-    )
-    .with_phase(Phase::Connect);
-    if let Some(db) = e.as_db_error() {
-        err = err.with_sqlstate(db.code().code());
-    }
-    err
-}
-
-/// The server's message (with detail and hint) or the client-side cause.
-fn describe(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut text = db.message().to_string();
-        if let Some(detail) = db.detail() {
-            text.push_str(" — ");
-            text.push_str(detail);
-        }
-        if let Some(hint) = db.hint() {
-            text.push_str(" (hint: ");
-            text.push_str(hint);
-            text.push(')');
-        }
-        return text;
-    }
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-fn query_error(e: tokio_postgres::Error) -> Error {
-    if let Some(db) = e.as_db_error() {
-        return Error::new(ErrorCode::QueryFailed, describe(&e)).with_sqlstate(db.code().code());
-    }
-    let text = describe(&e);
-    if text.starts_with("error serializing parameter") {
-        return Error::invalid_argument(text);
-    }
-    if e.is_closed() {
-        return Error::new(ErrorCode::QueryFailed, format!("connection lost: {text}"))
-            .with_sqlstate("08006");
-    }
-    Error::new(ErrorCode::QueryFailed, text)
-}
-
-impl PgConnection {
-    pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
-    }
-
-    pub async fn ping(&self) -> Result<()> {
-        self.client
-            .simple_query("")
-            .await
-            .map(|_| ())
-            .map_err(query_error)
-    }
-
-    pub async fn rollback(&self) -> Result<()> {
-        self.client
-            .batch_execute("ROLLBACK")
-            .await
-            .map_err(query_error)
-    }
-
-    async fn statement(&self, sql: &str) -> Result<Prepared> {
-        if let Some(prepared) = self.statements.lock().get(sql) {
-            return Ok(prepared.clone());
-        }
-        let statement = self.client.prepare(sql).await.map_err(query_error)?;
-        let prepared = Prepared {
-            columns: column_names(&statement),
-            statement,
-        };
-        let mut cache = self.statements.lock();
-        if cache.len() >= STATEMENT_CACHE_SIZE {
-            cache.clear();
-        }
-        cache.insert(Arc::from(sql), prepared.clone());
-        Ok(prepared)
-    }
-
-    /// Rows of one statement and its column names.
-    async fn rows(&self, sql: &str, params: &[Value]) -> Result<(Vec<Row>, Arc<[String]>)> {
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        if self.statement_cache {
-            let prepared = self.statement(sql).await?;
-            check_arity(prepared.statement.params().len(), params.len())?;
-            let rows = self
-                .client
-                .query(&prepared.statement, &refs)
-                .await
-                .map_err(query_error)?;
-            Ok((rows, prepared.columns))
-        } else {
-            // No named statements: one Parse/Bind/Execute/Sync, safe behind PgBouncer transaction mode.
-            let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
-                .iter()
-                .map(|p| (p as &(dyn ToSql + Sync), inferred_type(p)))
-                .collect();
-            let rows = self
-                .client
-                .query_typed(sql, &typed)
-                .await
-                .map_err(query_error)?;
-            let columns = match rows.first() {
-                Some(r) => r.columns().iter().map(|c| c.name().to_string()).collect(),
-                None => Arc::from(Vec::new()),
-            };
-            Ok((rows, columns))
-        }
-    }
-
-    pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
-        let (rows, columns) = self.rows(sql, params).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let mut cells = Vec::with_capacity(row.len());
-            for i in 0..row.len() {
-                let cell: Cell = row.try_get(i).map_err(|e| {
-                    Error::new(
-                        ErrorCode::QueryFailed,
-                        format!("column {i}: {}", describe(&e)),
-                    )
-                })?;
-                cells.push(cell.0);
-            }
-            out.push(cells);
-        }
-        Ok(QueryResult {
-            columns,
-            row_count: out.len() as u64,
-            rows: out,
-        })
-    }
-
-    pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let row_count = if self.statement_cache {
-            let prepared = self.statement(sql).await?;
-            check_arity(prepared.statement.params().len(), params.len())?;
-            self.client
-                .execute(&prepared.statement, &refs)
-                .await
-                .map_err(query_error)?
-        } else {
-            self.rows(sql, params).await?.0.len() as u64
-        };
-        Ok(ExecuteResult {
-            row_count,
-            last_insert_id: None,
-        })
-    }
-}
-
-fn check_arity(expected: usize, got: usize) -> Result<()> {
-    if expected != got {
-        return Err(Error::invalid_argument(format!(
-            "statement expects {expected} parameter(s), got {got}"
-        )));
-    }
-    Ok(())
-}
-
 /// Parameter types sent when there is no prepared statement to ask.
-fn inferred_type(v: &Value) -> Type {
+pub(crate) fn inferred_type(v: &Value) -> Type {
     match v {
-        Value::Null | Value::Text(_) => Type::TEXT,
+        Value::Null | Value::Text(_) | Value::Failed(_) => Type::TEXT,
         Value::Bool(_) => Type::BOOL,
         Value::Int(_) | Value::BigInt(_) => Type::INT8,
         Value::Float(_) => Type::FLOAT8,
@@ -560,7 +302,7 @@ fn numeric_to_sql(text: &str, out: &mut BytesMut) -> std::result::Result<(), Box
 
 // ---- results: PostgreSQL binary -> Value ----
 
-struct Cell(Value);
+pub(crate) struct Cell(pub(crate) Value);
 
 impl<'a> FromSql<'a> for Cell {
     fn from_sql(ty: &Type, raw: &'a [u8]) -> std::result::Result<Self, BoxError> {

@@ -1,0 +1,123 @@
+//! Opening and checking connections for every backend: one bounded attempt at a time (the
+//! pool decides when to retry), a ping for connections idle past the grace period.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::error::{Error, ErrorCode, Phase, Result};
+use crate::metrics::PoolRecorder;
+use crate::pool::config::{PoolConfig, Target};
+use crate::pool::connection::{Backend, Connection};
+use crate::pool::sqlite::SqliteTarget;
+use crate::pool::{postgres, redis, sqlite};
+
+/// A connection used this recently is handed out without a validation round trip.
+pub const VALIDATION_GRACE: Duration = Duration::from_millis(500);
+
+enum Dial {
+    Postgres(Arc<postgres::connect::Connector>),
+    Sqlite(SqliteTarget),
+    Redis(Box<::redis::Client>),
+}
+
+pub(crate) struct Connector {
+    config: Arc<PoolConfig>,
+    recorder: Arc<PoolRecorder>,
+    dial: Dial,
+}
+
+impl Connector {
+    pub fn new(
+        config: Arc<PoolConfig>,
+        recorder: Arc<PoolRecorder>,
+        sqlite_memory: Option<SqliteTarget>,
+    ) -> Result<Connector> {
+        let dial = match &config.target {
+            Target::Postgres { url } => {
+                Dial::Postgres(Arc::new(postgres::connect::Connector::new(
+                    url,
+                    config.tls.as_ref(),
+                    config.statement_cache,
+                )?))
+            }
+            Target::SqliteFile { path } => Dial::Sqlite(SqliteTarget::File(path.clone())),
+            Target::SqliteMemory => {
+                Dial::Sqlite(sqlite_memory.unwrap_or_else(SqliteTarget::memory))
+            }
+            Target::Redis { url } => {
+                Dial::Redis(Box::new(redis::client(url, config.tls.as_ref())?))
+            }
+        };
+        Ok(Connector {
+            config,
+            recorder,
+            dial,
+        })
+    }
+
+    /// One attempt to open a connection, bounded by `timeout`.
+    pub async fn open(&self, timeout: Duration) -> Result<Connection> {
+        let backend = match &self.dial {
+            Dial::Postgres(pg) => pg
+                .connect(timeout)
+                .await
+                .map(|c| Backend::Postgres(Box::new(c))),
+            Dial::Sqlite(target) => sqlite::connect(
+                target,
+                self.config.acquire_timeout,
+                self.config.statement_cache,
+            )
+            .await
+            .map(Backend::Sqlite),
+            Dial::Redis(client) => redis::connect(client, timeout).await.map(Backend::Redis),
+        };
+        match backend {
+            Ok(b) => Ok(Connection::new(
+                b,
+                self.lifetime(),
+                Arc::clone(&self.recorder),
+            )),
+            Err(e) => {
+                self.recorder.errors_connect.inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// True when retrying cannot help: bad credentials, a missing database, TLS refused.
+    pub fn is_permanent(&self, err: &Error) -> bool {
+        err.permanent
+            || match self.dial {
+                Dial::Postgres(_) => false,
+                Dial::Redis(_) => redis::is_permanent(err),
+                Dial::Sqlite(_) => true,
+            }
+    }
+
+    /// Pings a connection idle past the grace period, within `remaining`.
+    pub async fn validate(&self, conn: &Connection, remaining: Duration) -> Result<()> {
+        if conn.last_returned.elapsed() < VALIDATION_GRACE {
+            return Ok(());
+        }
+        let bound = remaining.min(self.config.connect_timeout);
+        match tokio::time::timeout(bound, conn.ping()).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Error::new(
+                ErrorCode::PoolTimeout,
+                "validation ping was not answered in time",
+            )
+            .with_phase(Phase::Validate)),
+        }
+    }
+
+    fn lifetime(&self) -> Option<Duration> {
+        let max = self.config.max_lifetime;
+        if max.is_zero() {
+            return None;
+        }
+        let jitter = rand::rng().random_range(0.0..0.1);
+        Some(max.mul_f64(1.0 - jitter))
+    }
+}

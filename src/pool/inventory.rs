@@ -1,0 +1,461 @@
+//! The pool's connections: idle ones (the most recently returned first), callers waiting in
+//! arrival order, and connections being opened. A returned connection goes straight to the
+//! oldest waiter. Opening is paced as HikariCP paces it: a new connection is opened when
+//! waiters have waited longer than a connect takes, not one per waiter, so a spike that warm
+//! connections can serve does not storm the database with connects.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rand::Rng;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+use crate::error::{Error, ErrorCode, Phase, Result};
+use crate::metrics::PoolRecorder;
+use crate::pool::config::PoolConfig;
+use crate::pool::connection::Connection;
+use crate::pool::connector::Connector;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(25);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What a waiting caller is handed.
+enum Handoff {
+    Ready(Box<Connection>),
+    Failed(Error),
+}
+
+struct Waiter {
+    id: u64,
+    since: Instant,
+    tx: oneshot::Sender<Handoff>,
+}
+
+struct State {
+    /// Most recently returned last. Boxed: connections move between this list, waiters and
+    /// leases as one pointer.
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<Connection>>,
+    /// Open connections: idle, leased or out for a keepalive ping.
+    open: usize,
+    /// Connections being opened.
+    opening: usize,
+    /// Idle connections out for a keepalive ping (counted as idle).
+    checking: usize,
+    max_size: usize,
+    waiters: VecDeque<Waiter>,
+    next_id: u64,
+    closed: bool,
+    /// The last failed connect, for timeout messages.
+    last_error: Option<Error>,
+    /// How long a connect takes (moving average), which paces new connections.
+    connect_time: Option<Duration>,
+}
+
+/// Connection counts right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occupancy {
+    pub max_size: usize,
+    pub open: usize,
+    pub idle: usize,
+    pub opening: usize,
+    pub waiters: usize,
+}
+
+pub(crate) struct Inventory {
+    state: Mutex<State>,
+    connector: Connector,
+    config: Arc<PoolConfig>,
+    recorder: Arc<PoolRecorder>,
+    runtime: Handle,
+}
+
+/// Removes a waiter that stopped waiting (timed out or dropped) from the queue.
+struct Queued<'a> {
+    inventory: &'a Inventory,
+    id: u64,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.inventory
+            .state
+            .lock()
+            .waiters
+            .retain(|w| w.id != self.id);
+    }
+}
+
+impl Inventory {
+    pub fn new(
+        connector: Connector,
+        config: Arc<PoolConfig>,
+        recorder: Arc<PoolRecorder>,
+        runtime: Handle,
+    ) -> Arc<Inventory> {
+        Arc::new(Inventory {
+            state: Mutex::new(State {
+                idle: Vec::new(),
+                open: 0,
+                opening: 0,
+                checking: 0,
+                max_size: config.max_size,
+                waiters: VecDeque::new(),
+                next_id: 0,
+                closed: false,
+                last_error: None,
+                connect_time: None,
+            }),
+            connector,
+            config,
+            recorder,
+            runtime,
+        })
+    }
+
+    pub fn occupancy(&self) -> Occupancy {
+        let s = self.state.lock();
+        Occupancy {
+            max_size: s.max_size,
+            open: s.open,
+            idle: s.idle.len() + s.checking,
+            opening: s.opening,
+            waiters: s.waiters.len(),
+        }
+    }
+
+    /// An idle connection right now, if any. Never waits, connects or pings.
+    pub fn take_idle(&self) -> Option<Box<Connection>> {
+        self.state.lock().idle.pop()
+    }
+
+    /// A connection by `deadline`: an idle one (pinged when idle past the grace period), else
+    /// one handed back by another caller or newly opened.
+    pub async fn checkout(self: &Arc<Self>, deadline: Instant) -> Result<Box<Connection>> {
+        loop {
+            let claim = {
+                let mut s = self.state.lock();
+                if s.closed {
+                    return Err(self.closed());
+                }
+                match s.idle.pop() {
+                    Some(conn) => Err(conn),
+                    None => {
+                        let (tx, rx) = oneshot::channel();
+                        let id = s.next_id;
+                        s.next_id += 1;
+                        s.waiters.push_back(Waiter {
+                            id,
+                            since: Instant::now(),
+                            tx,
+                        });
+                        Ok((id, rx))
+                    }
+                }
+            };
+            let (id, mut rx) = match claim {
+                Ok(waiting) => waiting,
+                Err(conn) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match self.connector.validate(&conn, remaining).await {
+                        Ok(()) => return Ok(conn),
+                        Err(_) => {
+                            self.discard(conn);
+                            if Instant::now() >= deadline {
+                                return Err(self.timeout(Phase::Validate));
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let queued = Queued {
+                inventory: self,
+                id,
+            };
+            self.open_if_needed();
+            let handoff = match tokio::time::timeout_at(deadline.into(), &mut rx).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(_)) => return Err(self.closed()),
+                Err(_) => {
+                    drop(queued);
+                    // Handed a connection just as time ran out: take it.
+                    match rx.try_recv() {
+                        Ok(h) => h,
+                        Err(_) => return Err(self.timeout(self.waiting_phase())),
+                    }
+                }
+            };
+            return match handoff {
+                Handoff::Ready(conn) => Ok(conn),
+                Handoff::Failed(e) => Err(e),
+            };
+        }
+    }
+
+    /// Returns a connection: to the oldest waiter, else to the idle list.
+    pub fn give_back(&self, conn: Box<Connection>) {
+        let mut conn = conn;
+        let mut s = self.state.lock();
+        if s.closed || s.open > s.max_size {
+            s.open -= 1;
+            drop(s);
+            drop(conn);
+            return;
+        }
+        while let Some(waiter) = s.waiters.pop_front() {
+            match waiter.tx.send(Handoff::Ready(conn)) {
+                Ok(()) => return,
+                Err(Handoff::Ready(back)) => conn = back, // that caller stopped waiting
+                Err(Handoff::Failed(_)) => unreachable!("sent Ready"),
+            }
+        }
+        s.idle.push(conn);
+    }
+
+    /// Closes a connection that must not be reused; a waiter may need a new one.
+    pub fn discard(self: &Arc<Self>, conn: Box<Connection>) {
+        self.state.lock().open -= 1;
+        drop(conn);
+        self.open_if_needed();
+    }
+
+    /// Starts as many connects as the pacing allows.
+    pub fn open_if_needed(self: &Arc<Self>) {
+        let starts = {
+            let mut s = self.state.lock();
+            let n = self.connects_to_start(&s);
+            s.opening += n;
+            n
+        };
+        for _ in 0..starts {
+            let inventory = Arc::clone(self);
+            self.runtime
+                .spawn(async move { inventory.open_one().await });
+        }
+    }
+
+    fn connects_to_start(&self, s: &State) -> usize {
+        if s.closed {
+            return 0;
+        }
+        let free = s.max_size.saturating_sub(s.open + s.opening);
+        let wanted = match s.waiters.front() {
+            Some(oldest) => {
+                let allowed = match s.connect_time {
+                    // Nothing measured yet (a cold pool): one connect per waiter.
+                    None => s.waiters.len(),
+                    // One connect, plus one more per connect-time the oldest has waited:
+                    // connections coming back soon serve waiters faster than new ones.
+                    Some(t) => {
+                        let waited = oldest.since.elapsed().as_secs_f64();
+                        1 + (waited / t.as_secs_f64().max(0.000_5)) as usize
+                    }
+                };
+                allowed.min(s.waiters.len())
+            }
+            None if s.open + s.opening < self.config.min_idle => 1,
+            None => 0,
+        };
+        wanted.saturating_sub(s.opening).min(free)
+    }
+
+    /// Opens one connection, retrying with backoff while it is still wanted.
+    async fn open_one(self: Arc<Self>) {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let started = Instant::now();
+            match self.connector.open(self.config.connect_timeout).await {
+                Ok(conn) => {
+                    {
+                        let mut s = self.state.lock();
+                        s.opening -= 1;
+                        s.open += 1;
+                        s.last_error = None;
+                        let took = started.elapsed();
+                        s.connect_time = Some(match s.connect_time {
+                            Some(t) => t.mul_f64(0.7) + took.mul_f64(0.3),
+                            None => took,
+                        });
+                    }
+                    self.give_back(Box::new(conn));
+                    self.open_if_needed();
+                    return;
+                }
+                Err(err) => {
+                    if !self.after_failed_connect(err) {
+                        return;
+                    }
+                    let jittered = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+                    tokio::time::sleep(jittered).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Records a failed connect; true when it should be tried again (still wanted and not
+    /// a failure that retrying cannot fix).
+    fn after_failed_connect(&self, err: Error) -> bool {
+        let permanent = self.connector.is_permanent(&err);
+        let mut s = self.state.lock();
+        s.last_error = Some(err.clone());
+        let still_wanted =
+            !s.closed && (!s.waiters.is_empty() || s.open + s.opening <= self.config.min_idle);
+        if !permanent && still_wanted {
+            return true;
+        }
+        s.opening -= 1;
+        if permanent {
+            // Nothing will come back if nothing is open: fail every waiter; else the one
+            // this connect was for.
+            let waiting = s.waiters.len();
+            let fail = if s.open == 0 { waiting } else { waiting.min(1) };
+            for w in s.waiters.drain(..fail) {
+                let _ = w.tx.send(Handoff::Failed(err.clone()));
+            }
+        }
+        false
+    }
+
+    /// Which step a caller timing out now was waiting for.
+    fn waiting_phase(&self) -> Phase {
+        let s = self.state.lock();
+        if s.opening > 0 {
+            Phase::Connect
+        } else {
+            Phase::Wait
+        }
+    }
+
+    /// The acquire deadline ran out in `phase`.
+    pub fn timeout(&self, phase: Phase) -> Error {
+        match phase {
+            Phase::Wait => self.recorder.timeouts_wait.inc(),
+            Phase::Connect => self.recorder.timeouts_connect.inc(),
+            Phase::Validate => self.recorder.timeouts_validate.inc(),
+        }
+        let (occupancy, last_error) = {
+            let s = self.state.lock();
+            (
+                Occupancy {
+                    max_size: s.max_size,
+                    open: s.open,
+                    idle: s.idle.len() + s.checking,
+                    opening: s.opening,
+                    waiters: s.waiters.len(),
+                },
+                s.last_error.clone(),
+            )
+        };
+        let what = match phase {
+            Phase::Wait => "waiting for a free connection",
+            Phase::Connect => "opening a new connection",
+            Phase::Validate => "validating an idle connection",
+        };
+        let cause = match (&last_error, phase) {
+            (Some(e), Phase::Connect) => format!("; last connect attempt: {}", e.message),
+            _ => String::new(),
+        };
+        Error::new(
+            ErrorCode::PoolTimeout,
+            format!(
+                "pool '{}' timed out after {} ms {what} ({} of {} in use, {} waiting){cause}; raise maxSize or acquireTimeoutMs, or shed load",
+                self.recorder.name,
+                self.config.acquire_timeout.as_millis(),
+                occupancy.open.saturating_sub(occupancy.idle),
+                occupancy.max_size,
+                occupancy.waiters,
+            ),
+        )
+        .with_phase(phase)
+    }
+
+    /// Closes idle connections for which `retire` says so, keeping `keep` open at least.
+    /// Returns how many were closed.
+    pub fn retire(&self, keep: usize, retire: impl Fn(&Connection) -> bool) -> usize {
+        let removed: Vec<Box<Connection>> = {
+            let mut s = self.state.lock();
+            let mut open = s.open;
+            let mut removed = Vec::new();
+            let mut kept = Vec::with_capacity(s.idle.len());
+            for conn in s.idle.drain(..) {
+                let must = conn.is_expired() || conn.is_unusable();
+                if must || (open > keep && retire(&conn)) {
+                    open -= 1;
+                    removed.push(conn);
+                } else {
+                    kept.push(conn);
+                }
+            }
+            s.idle = kept;
+            s.open = open;
+            removed
+        };
+        removed.len()
+    }
+
+    /// Takes out the idle connection checked longest ago, if that was `older_than` ago.
+    pub fn take_for_ping(&self, older_than: Duration) -> Option<Box<Connection>> {
+        let mut s = self.state.lock();
+        let index = s
+            .idle
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.last_checked.elapsed() >= older_than)
+            .min_by_key(|(_, c)| c.last_checked)
+            .map(|(i, _)| i)?;
+        s.checking += 1;
+        Some(s.idle.remove(index))
+    }
+
+    /// Puts back a connection taken for a ping: to waiters or idle when it answered.
+    pub fn after_ping(self: &Arc<Self>, conn: Box<Connection>, answered: bool) {
+        self.state.lock().checking -= 1;
+        if answered {
+            self.give_back(conn);
+        } else {
+            self.discard(conn);
+        }
+    }
+
+    pub fn resize(self: &Arc<Self>, max_size: usize) {
+        let excess: Vec<Box<Connection>> = {
+            let mut s = self.state.lock();
+            s.max_size = max_size;
+            let mut out = Vec::new();
+            while s.open > max_size && !s.idle.is_empty() {
+                out.push(s.idle.remove(0));
+                s.open -= 1;
+            }
+            out
+        };
+        drop(excess);
+        self.open_if_needed();
+    }
+
+    /// Closes every idle connection and fails every waiter; connections still out close
+    /// when they come back.
+    pub fn close(&self) {
+        let (idle, waiters) = {
+            let mut s = self.state.lock();
+            s.closed = true;
+            s.open -= s.idle.len();
+            (std::mem::take(&mut s.idle), std::mem::take(&mut s.waiters))
+        };
+        for w in waiters {
+            let _ = w.tx.send(Handoff::Failed(self.closed()));
+        }
+        drop(idle);
+    }
+
+    fn closed(&self) -> Error {
+        Error::new(
+            ErrorCode::PoolClosed,
+            format!("pool '{}' is closed", self.recorder.name),
+        )
+    }
+}

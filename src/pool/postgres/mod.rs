@@ -1,0 +1,438 @@
+//! PostgreSQL connections on tokio-postgres over a watched byte stream: a bounded statement
+//! cache that follows the server (re-prepared after DISCARD ALL or a changed result type),
+//! row counts from command tags, and every failure classified by what it means for the
+//! statement (it ran, it failed on the server, or the connection was lost — sent or not).
+
+pub mod connect;
+pub mod values;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::sync::Arc;
+
+use futures::{pin_mut, TryStreamExt};
+use postgres_types::{ToSql, Type};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{Client, Row, RowStream, Statement};
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::pool::value::{ExecuteResult, QueryResult, Value};
+use connect::{Connector, Endpoint, PgStream, SessionTarget};
+use values::{inferred_type, Cell};
+use wire::{TxStatus, Wire, WireState};
+
+/// Bound on prepared statements kept per connection.
+const STATEMENT_CACHE_SIZE: usize = 256;
+
+/// A prepared statement and the column names every result of it shares.
+#[derive(Clone)]
+struct Prepared {
+    statement: Statement,
+    columns: Arc<[String]>,
+}
+
+/// Prepared statements, valid while the server has not discarded them.
+#[derive(Default)]
+struct Cache {
+    /// The wire's discard count when these were prepared.
+    generation: u64,
+    entries: HashMap<Arc<str>, Prepared>,
+}
+
+pub struct PgConnection {
+    client: Client,
+    /// The task running the connection's protocol, ended by force when the session cannot
+    /// close by itself (a request the server will never answer keeps it open otherwise).
+    driver: tokio::task::AbortHandle,
+    runtime: tokio::runtime::Handle,
+    /// Out of step with the server: close the socket at once, don't wait for replies.
+    abandoned: std::sync::atomic::AtomicBool,
+    wire: Arc<WireState>,
+    statements: parking_lot::Mutex<Cache>,
+    statement_cache: bool,
+    endpoint: Endpoint,
+    target: SessionTarget,
+    connector: Arc<Connector>,
+}
+
+/// Runs a connection's protocol until it closes.
+pub(crate) async fn drive(connection: tokio_postgres::Connection<Wire<PgStream>, NoTlsStream>) {
+    let _ = connection.await;
+}
+
+/// The server's message (with detail and hint) or the client-side cause.
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = db.message().to_string();
+        if let Some(detail) = db.detail() {
+            text.push_str(" — ");
+            text.push_str(detail);
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(" (hint: ");
+            text.push_str(hint);
+            text.push(')');
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// SQLSTATEs meaning the server ended the session (connection exception, shutdown).
+fn ends_session(sqlstate: &str) -> bool {
+    sqlstate.starts_with("08") || matches!(sqlstate, "57P01" | "57P02" | "57P03")
+}
+
+/// A prepared statement the server no longer has, or whose result type changed under it.
+/// Rejected at bind, so it never ran.
+fn is_stale_plan(e: &Error) -> bool {
+    match e.sqlstate.as_deref() {
+        Some("26000") => true,
+        Some("0A000") => e
+            .message
+            .contains("cached plan must not change result type"),
+        _ => false,
+    }
+}
+
+fn column_names(statement: &Statement) -> Arc<[String]> {
+    statement
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect()
+}
+
+fn check_arity(expected: usize, got: usize) -> Result<()> {
+    if expected != got {
+        return Err(Error::invalid_argument(format!(
+            "statement expects {expected} parameter(s), got {got}"
+        )));
+    }
+    Ok(())
+}
+
+fn cells(row: &Row) -> Result<Vec<Value>> {
+    let mut out = Vec::with_capacity(row.len());
+    for i in 0..row.len() {
+        let cell: Cell = row.try_get(i).map_err(|e| {
+            Error::new(
+                ErrorCode::QueryFailed,
+                format!("column {i}: {}", describe(&e)),
+            )
+        })?;
+        out.push(cell.0);
+    }
+    Ok(out)
+}
+
+/// What a statement produced, with the server's tag when this connection ran it alone.
+pub struct Ran<T> {
+    pub value: T,
+    pub tag: Option<String>,
+}
+
+impl PgConnection {
+    pub(crate) fn new(
+        client: Client,
+        driver: tokio::task::AbortHandle,
+        wire: Arc<WireState>,
+        endpoint: Endpoint,
+        statement_cache: bool,
+        target: SessionTarget,
+        connector: Arc<Connector>,
+    ) -> PgConnection {
+        PgConnection {
+            client,
+            driver,
+            runtime: tokio::runtime::Handle::current(),
+            abandoned: std::sync::atomic::AtomicBool::new(false),
+            statements: parking_lot::Mutex::new(Cache {
+                generation: wire.discards(),
+                entries: HashMap::new(),
+            }),
+            wire,
+            statement_cache,
+            endpoint,
+            target,
+            connector,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    pub(crate) fn wire(&self) -> &WireState {
+        &self.wire
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// `host:port` of the server this connection reached.
+    pub fn host(&self) -> &str {
+        &self.endpoint.label
+    }
+
+    /// The server's transaction status after the last statement.
+    pub fn status(&self) -> TxStatus {
+        self.wire.status()
+    }
+
+    /// Whether the session carries state a next user must not inherit.
+    pub fn session_changed(&self) -> bool {
+        self.wire.session_changed()
+    }
+
+    /// Maps a tokio-postgres failure. `mark` is the written-byte count taken just before
+    /// the statement was queued: unchanged means none of it reached the socket.
+    fn failure(&self, e: tokio_postgres::Error, mark: u64) -> Error {
+        let text = describe(&e);
+        if let Some(db) = e.as_db_error() {
+            let code = db.code().code();
+            if ends_session(code) {
+                return Error::connection_lost(true, text).with_sqlstate(code);
+            }
+            let mut err = Error::new(ErrorCode::QueryFailed, text).with_sqlstate(code);
+            if code == "25006" && self.target == SessionTarget::ReadWrite {
+                // A read-write pool on a host that became read-only (demoted): retire it.
+                err.desync = true;
+            }
+            return err;
+        }
+        if text.starts_with("error serializing parameter") {
+            return Error::invalid_argument(text);
+        }
+        if e.is_closed() || text.starts_with("error communicating with the server") {
+            return Error::connection_lost(self.wire.written() != mark, text);
+        }
+        // The client and the server no longer agree on the protocol state (e.g. COPY sent
+        // through query): replies could be matched to the wrong requests from here on.
+        let mut err = Error::new(
+            ErrorCode::QueryFailed,
+            format!("protocol error ({text}); the connection was closed"),
+        );
+        err.desync = true;
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::Release);
+        err
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        let mark = self.wire.written();
+        self.client
+            .simple_query("")
+            .await
+            .map(|_| ())
+            .map_err(|e| self.failure(e, mark))
+    }
+
+    /// Runs a utility statement (ROLLBACK, DISCARD ALL) through the simple protocol.
+    pub async fn utility(&self, sql: &str) -> Result<()> {
+        let mark = self.wire.written();
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| self.failure(e, mark))
+    }
+
+    /// Asks the server to cancel whatever this connection is running.
+    pub async fn cancel(&self) -> Result<()> {
+        self.connector
+            .cancel(&self.client.cancel_token(), &self.endpoint)
+            .await
+    }
+
+    async fn statement(&self, sql: &str) -> Result<Prepared> {
+        {
+            let mut cache = self.statements.lock();
+            let discards = self.wire.discards();
+            if cache.generation != discards {
+                // DISCARD ALL / DEALLOCATE: the server no longer has these.
+                cache.entries.clear();
+                cache.generation = discards;
+            }
+            if let Some(prepared) = cache.entries.get(sql) {
+                return Ok(prepared.clone());
+            }
+        }
+        let mark = self.wire.written();
+        let statement =
+            self.client
+                .prepare(sql)
+                .await
+                .map_err(|e| match self.failure(e, mark) {
+                    // A lost connection during Parse never ran the statement itself.
+                    lost if lost.code == ErrorCode::ConnectionLost => {
+                        Error::connection_lost(false, lost.message)
+                    }
+                    other => other,
+                })?;
+        let prepared = Prepared {
+            columns: column_names(&statement),
+            statement,
+        };
+        let mut cache = self.statements.lock();
+        if cache.entries.len() >= STATEMENT_CACHE_SIZE {
+            cache.entries.clear();
+        }
+        cache.entries.insert(Arc::from(sql), prepared.clone());
+        Ok(prepared)
+    }
+
+    fn forget(&self, sql: &str) {
+        self.statements.lock().entries.remove(sql);
+    }
+
+    /// Runs `attempt` on the cached statement; a plan the server rejected at bind is
+    /// prepared again and run once more, unless a transaction failed with it.
+    async fn with_statement<T, F, Fut>(&self, sql: &str, attempt: F) -> Result<T>
+    where
+        F: Fn(Prepared) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let prepared = self.statement(sql).await?;
+        match attempt(prepared).await {
+            Err(e) if is_stale_plan(&e) => {
+                self.forget(sql);
+                if self.wire.status() != TxStatus::Idle {
+                    return Err(e);
+                }
+                attempt(self.statement(sql).await?).await
+            }
+            other => other,
+        }
+    }
+
+    async fn collect(&self, stream: RowStream, mark: u64) -> Result<(Vec<Vec<Value>>, u64)> {
+        pin_mut!(stream);
+        let mut rows = Vec::new();
+        while let Some(row) = stream.try_next().await.map_err(|e| self.failure(e, mark))? {
+            rows.push(cells(&row)?);
+        }
+        let count = stream.rows_affected().unwrap_or(rows.len() as u64);
+        Ok((rows, count))
+    }
+
+    pub async fn query(&self, sql: &str, params: &[Value]) -> Result<Ran<QueryResult>> {
+        let tags = self.wire.tags();
+        let result = if self.statement_cache {
+            self.with_statement(sql, |prepared| async move {
+                check_arity(prepared.statement.params().len(), params.len())?;
+                let mark = self.wire.written();
+                let stream = self
+                    .client
+                    .query_raw(&prepared.statement, params.iter().map(|p| p as &dyn ToSql))
+                    .await
+                    .map_err(|e| self.failure(e, mark))?;
+                let (rows, row_count) = self.collect(stream, mark).await?;
+                Ok(QueryResult {
+                    columns: prepared.columns,
+                    rows,
+                    row_count,
+                })
+            })
+            .await?
+        } else {
+            // No named statements: one Parse/Bind/Execute/Sync, safe behind PgBouncer
+            // transaction mode. Parameter types come from the JS values.
+            let mark = self.wire.written();
+            let stream = self
+                .client
+                .query_typed_raw(sql, typed(params))
+                .await
+                .map_err(|e| self.failure(e, mark))?;
+            let mut columns: Arc<[String]> = Arc::from(Vec::new());
+            let (rows, row_count) = {
+                pin_mut!(stream);
+                let mut rows = Vec::new();
+                while let Some(row) = stream.try_next().await.map_err(|e| self.failure(e, mark))? {
+                    if rows.is_empty() {
+                        columns = row.columns().iter().map(|c| c.name().to_string()).collect();
+                    }
+                    rows.push(cells(&row)?);
+                }
+                let count = stream.rows_affected().unwrap_or(rows.len() as u64);
+                (rows, count)
+            };
+            QueryResult {
+                columns,
+                rows,
+                row_count,
+            }
+        };
+        Ok(Ran {
+            value: result,
+            tag: self.tag_since(tags),
+        })
+    }
+
+    pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<Ran<ExecuteResult>> {
+        let tags = self.wire.tags();
+        let row_count = if self.statement_cache {
+            self.with_statement(sql, |prepared| async move {
+                check_arity(prepared.statement.params().len(), params.len())?;
+                let mark = self.wire.written();
+                self.client
+                    .execute_raw(&prepared.statement, params.iter().map(|p| p as &dyn ToSql))
+                    .await
+                    .map_err(|e| self.failure(e, mark))
+            })
+            .await?
+        } else {
+            let mark = self.wire.written();
+            self.client
+                .execute_typed(sql, &typed(params))
+                .await
+                .map_err(|e| self.failure(e, mark))?
+        };
+        Ok(Ran {
+            value: ExecuteResult {
+                row_count,
+                last_insert_id: None,
+            },
+            tag: self.tag_since(tags),
+        })
+    }
+
+    /// The tag of the one statement completed since `before`, if exactly one was.
+    fn tag_since(&self, before: u64) -> Option<String> {
+        (self.wire.tags() == before + 1).then(|| self.wire.last_tag())
+    }
+}
+
+/// How long a dropped connection may take to close itself before its socket is closed.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Drop for PgConnection {
+    fn drop(&mut self) {
+        if self.abandoned.load(std::sync::atomic::Ordering::Acquire) {
+            self.driver.abort();
+            return;
+        }
+        // Normally the session ends with a Terminate once every reply is in; a request
+        // the server never answers would keep it (and its backend) alive forever.
+        let driver = self.driver.clone();
+        self.runtime.spawn(async move {
+            tokio::time::sleep(CLOSE_GRACE).await;
+            driver.abort();
+        });
+    }
+}
+
+fn typed(params: &[Value]) -> Vec<(&(dyn ToSql + Sync), Type)> {
+    params
+        .iter()
+        .map(|p| (p as &(dyn ToSql + Sync), inferred_type(p)))
+        .collect()
+}
