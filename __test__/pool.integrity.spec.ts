@@ -331,6 +331,20 @@ describe('SQLite: what a caller is told is what happened', () => {
     expect((await pool.query('select bal from acct')).rows[0].bal).toBe(8)
   })
 
+  it('lets readers of sqlite::memory: in while a lease holds a write transaction', async () => {
+    const pool = open({ url: 'sqlite::memory:', maxSize: 3, acquireTimeoutMs: 2000 })
+    await pool.execute('create table t(x integer)')
+    await pool.execute('insert into t values (1)')
+    const writer = await pool.acquire()
+    await writer.query('begin immediate')
+    await writer.execute('insert into t values (2)')
+    // Readers see the last commit at once (WAL), never the uncommitted row.
+    expect((await pool.query('select count(*) as n from t')).rows).toEqual([{ n: 1 }])
+    await writer.query('commit')
+    writer.release()
+    expect((await pool.query('select count(*) as n from t')).rows).toEqual([{ n: 2 }])
+  })
+
   it('closes a connection whose PRAGMA changed it instead of handing it on', async () => {
     const pool = open({ url: 'sqlite::memory:', maxSize: 1 })
     await pool.execute('create table p(id integer primary key)')

@@ -51,7 +51,7 @@ pub(crate) struct PoolShared {
     /// Statements queued by `submit`, served in batches by dispatcher tasks.
     queue: Mutex<dispatch::Queue>,
     /// Keeps a `sqlite::memory:` database alive while the pool lives.
-    _memory_anchor: Mutex<Option<rusqlite::Connection>>,
+    _memory_anchor: Mutex<Option<sqlite::MemoryDatabase>>,
 }
 
 impl PoolShared {
@@ -87,7 +87,7 @@ impl Pool {
         let (memory, anchor) = match config.target {
             Target::SqliteMemory => {
                 let target = SqliteTarget::memory();
-                let anchor = sqlite::open(&target, config.acquire_timeout, false)?;
+                let anchor = sqlite::MemoryDatabase::create(&target, config.acquire_timeout)?;
                 (Some(target), Some(anchor))
             }
             _ => (None, None),

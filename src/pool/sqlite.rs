@@ -1,5 +1,6 @@
 //! SQLite connections on rusqlite (bundled). Statements run on tokio's blocking pool.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,13 +23,57 @@ pub struct SqliteConnection {
 #[derive(Debug, Clone)]
 pub enum SqliteTarget {
     File(String),
-    /// A named in-memory database (memdb VFS) shared by the pool's connections.
-    Memory(String),
+    /// A private database for `sqlite::memory:`: a scratch file in RAM (`/dev/shm`) where
+    /// there is one, else in the temp directory, removed with its [`MemoryDatabase`]. A file
+    /// rather than SQLite's memdb, whose locking lets no reader in while a write
+    /// transaction is open; as a file it runs under WAL like any other.
+    Memory(PathBuf),
 }
 
 impl SqliteTarget {
     pub fn memory() -> SqliteTarget {
-        SqliteTarget::Memory(format!("/qm-{}", uuid::Uuid::new_v4().simple()))
+        let shm = Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        SqliteTarget::Memory(dir.join(format!("qm-{}.db", uuid::Uuid::new_v4().simple())))
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            SqliteTarget::File(p) => Path::new(p),
+            SqliteTarget::Memory(p) => p,
+        }
+    }
+}
+
+/// Keeps a `sqlite::memory:` database open while its pool lives, and removes its files
+/// when the pool closes or is dropped.
+pub struct MemoryDatabase {
+    anchor: Option<Connection>,
+    path: PathBuf,
+}
+
+impl MemoryDatabase {
+    pub fn create(target: &SqliteTarget, busy_timeout: Duration) -> Result<MemoryDatabase> {
+        let anchor = open(target, busy_timeout, false)?;
+        Ok(MemoryDatabase {
+            anchor: Some(anchor),
+            path: target.path().to_path_buf(),
+        })
+    }
+}
+
+impl Drop for MemoryDatabase {
+    fn drop(&mut self) {
+        drop(self.anchor.take());
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = self.path.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
     }
 }
 
@@ -58,26 +103,21 @@ pub fn open(
         )
         .with_phase(Phase::Connect)
     };
-    let conn = match target {
-        SqliteTarget::File(path) => Connection::open(path).map_err(connect_err)?,
-        SqliteTarget::Memory(name) => Connection::open_with_flags(
-            format!("file:{name}?vfs=memdb"),
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_URI,
-        )
-        .map_err(connect_err)?,
-    };
+    let conn = Connection::open_with_flags(
+        target.path(),
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(connect_err)?;
     conn.busy_timeout(busy_timeout).map_err(connect_err)?;
     conn.set_prepared_statement_cache_capacity(if statement_cache { 256 } else { 0 });
-    if let SqliteTarget::File(_) = target {
-        // WAL lets readers and one writer work at once across the pool's connections.
-        let _: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(connect_err)?;
-        conn.execute_batch("PRAGMA synchronous=NORMAL")
-            .map_err(connect_err)?;
-    }
+    // WAL lets readers and one writer work at once across the pool's connections.
+    let _: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(connect_err)?;
+    conn.execute_batch("PRAGMA synchronous=NORMAL")
+        .map_err(connect_err)?;
     conn.execute_batch("PRAGMA foreign_keys=ON")
         .map_err(connect_err)?;
     Ok(conn)
@@ -238,6 +278,7 @@ mod tests {
     #[tokio::test]
     async fn memory_database_is_shared_by_the_pools_connections() {
         let target = SqliteTarget::memory();
+        let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
         let a = connect(&target, Duration::from_secs(1), true)
             .await
             .unwrap();
@@ -250,7 +291,9 @@ mod tests {
             .unwrap();
         let r = b.query("select x from t", &[]).await.unwrap();
         assert_eq!(r.rows, vec![&[Value::Int(7)]]);
-        let other = connect(&SqliteTarget::memory(), Duration::from_secs(1), true)
+        let elsewhere = SqliteTarget::memory();
+        let _other_db = MemoryDatabase::create(&elsewhere, Duration::from_secs(1)).unwrap();
+        let other = connect(&elsewhere, Duration::from_secs(1), true)
             .await
             .unwrap();
         assert!(other.query("select x from t", &[]).await.is_err());
@@ -258,7 +301,9 @@ mod tests {
 
     #[tokio::test]
     async fn transaction_state_and_errors_are_reported() {
-        let c = connect(&SqliteTarget::memory(), Duration::from_secs(1), true)
+        let target = SqliteTarget::memory();
+        let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
+        let c = connect(&target, Duration::from_secs(1), true)
             .await
             .unwrap();
         c.execute("begin", &[]).await.unwrap();
