@@ -2,17 +2,17 @@ import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
-import { closeness, exportLstm as lstmTo, exportMlp as mlpTo, randomInput, reference as numpy, rng, ROOT } from '../benchmark/models-support'
+import { closeness, randomInput, rng, ROOT } from '../benchmark/models-support'
 import { Metrics, type Model, ModelCache } from '../index'
+import { bytesOf, FIXTURE, loadReference, modelFile, sha256, writeSeededModel } from './model-fixtures'
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'qm-models-'))
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }))
 
-const exportMlp = (name: string, seed: number, dims: number[], acts: string[]) => mlpTo(path.join(tmp, `${name}.safetensors`), seed, dims, acts)
-const exportLstm = (name: string, seed: number, input: number, hidden: number, layers: number, seq: number, head: number[], acts: string[]) =>
-  lstmTo(path.join(tmp, `${name}.safetensors`), seed, input, hidden, layers, seq, head, acts)
-const reference = (model: string, input: Float32Array, batch: number) => numpy(model, input, batch, tmp)
-const expectClose = (actual: Float32Array, expected: Float64Array) => closeness(actual, expected)
+/** A seeded MLP written in JavaScript (mulberry32 weights; no Python). */
+const exportMlp = (name: string, seed: number, dims: number[], acts: string[]) =>
+  writeSeededModel(path.join(tmp, `${name}.safetensors`), { generate: 'mlp', seed, dims, activations: acts })
+const expectClose = (actual: Float32Array, expected: ArrayLike<number>) => closeness(actual, expected)
 
 async function collect(): Promise<void> {
   for (let i = 0; i < 3; i++) {
@@ -32,24 +32,26 @@ async function codeOf(p: Promise<unknown> | (() => unknown)): Promise<string | u
 
 const cpu = (options: ConstructorParameters<typeof ModelCache>[0] = {}) => new ModelCache({ device: 'cpu', cleanupIntervalMs: 0, ...options })
 
-describe('ModelCache: CPU inference matches NumPy to 1e-5', () => {
-  const cases: Array<[string, () => string]> = [
-    ['MLP 64→256→256→1 relu', () => exportMlp('bench-mlp', 1, [64, 256, 256, 1], ['relu', 'relu', 'none'])],
-    ['MLP with gelu/tanh/sigmoid', () => exportMlp('acts-mlp', 2, [16, 32, 32, 8, 4], ['gelu', 'tanh', 'sigmoid', 'none'])],
-    ['LSTM 2 layers + 2-layer head', () => exportLstm('lstm2', 3, 5, 16, 2, 12, [8, 3], ['relu', 'none'])],
-    ['LSTM 3 layers, no dense head', () => exportLstm('lstm3', 4, 3, 8, 3, 6, [], [])],
-    ['sample-mlp', () => path.join(ROOT, 'models/sample-mlp.safetensors')],
-    ['sample-lstm', () => path.join(ROOT, 'models/sample-lstm.safetensors')],
-  ]
-  it.each(cases)('%s at batch 1 and 64', async (_name, make) => {
-    const file = make()
+// Against NumPy outputs committed in __test__/fixtures/model-reference.json (tools/model_fixtures.py,
+// which records its seeds and command); __test__/models.numpy.spec.ts re-runs NumPy live.
+describe('ModelCache: CPU inference matches the NumPy reference to 1e-5', () => {
+  const reference = loadReference()
+  const regenerate = `regenerate ${path.relative(ROOT, FIXTURE)} with: ${reference.command}`
+  it.each(reference.cases.map((c) => [c.name, c] as const))('%s at batch 1 and 64', async (_name, c) => {
+    const file = modelFile(c, tmp)
+    const modelSha = sha256(fs.readFileSync(file))
+    if (modelSha !== c.modelSha256) throw new Error(`${path.basename(file)} has sha256 ${modelSha}, not the fixture's ${c.modelSha256}: not the model NumPy ran; ${regenerate}`)
     const cache = cpu()
     const model = await cache.load('m', file)
-    for (const batch of [1, 64]) {
-      const x = randomInput(batch * model.inputSize * model.sequenceLength, batch)
-      const want = reference(file, x, batch)
-      const worst = expectClose(await model.predict(x, { batch }), want)
-      expectClose(model.predictSync(x), want)
+    expect([model.inputSize, model.sequenceLength, model.outputSize]).toEqual([c.inputSize, c.sequenceLength, c.outputSize])
+    expect(c.runs.map((r) => r.batch)).toEqual([1, 64])
+    for (const run of c.runs) {
+      const x = randomInput(run.inputLength, run.inputSeed)
+      expect(x.length).toBe(run.batch * model.inputSize * model.sequenceLength)
+      const inputSha = sha256(bytesOf(x))
+      if (inputSha !== run.inputSha256) throw new Error(`input (seed ${run.inputSeed}) has sha256 ${inputSha}, not the fixture's ${run.inputSha256}; ${regenerate}`)
+      const worst = expectClose(await model.predict(x, { batch: run.batch }), run.expected)
+      expectClose(model.predictSync(x), run.expected)
       expect(worst).toBeLessThanOrEqual(1)
     }
     model.release()
