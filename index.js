@@ -835,6 +835,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.Cancellation = nativeBinding.Cancellation
 module.exports.ConnectionPool = nativeBinding.ConnectionPool
 module.exports.Metrics = nativeBinding.Metrics
 module.exports.MetricsReporter = nativeBinding.MetricsReporter

@@ -158,6 +158,11 @@ impl Error {
         self.code == ErrorCode::ConnectionLost && self.sent == Some(false)
     }
 
+    pub fn with_sent(mut self, sent: bool) -> Self {
+        self.sent = Some(sent);
+        self
+    }
+
     pub(crate) fn permanent(mut self) -> Self {
         self.permanent = true;
         self

@@ -1,7 +1,5 @@
 //! `ConnectionPool` and `PooledConnection`: thin JS classes over `pool::Pool` and `pool::Lease`.
 
-use std::cell::Cell;
-use std::ptr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +14,7 @@ use super::{js_error, promise, runtime, settled, spawn};
 use crate::error::{Error, Result as CoreResult};
 use crate::metrics::Registry;
 use crate::pool::config::{Int8Mode, PoolConfig, PoolOptions as CoreOptions};
-use crate::pool::{self, Lease, OrderedLease, Outcome, Pool, Statement, Value};
+use crate::pool::{self, Bounds, Lease, OrderedLease, Outcome, Pool, Statement, Value};
 
 /// TLS settings. PostgreSQL: every libpq mode. Redis (`rediss://` URLs): `verify-full`
 /// (default) or `require`.
@@ -54,12 +52,89 @@ pub struct PoolOptions {
     pub leak_detection_ms: Option<f64>,
     /// Prepared statements cached per connection. Turn off for PgBouncer transaction mode. Default true.
     pub statement_cache: Option<bool>,
+    /// Default bound on every statement, in ms; 0 = off (default). PostgreSQL enforces it on
+    /// the server (`statement_timeout`, sent at connect), SQLite interrupts the statement,
+    /// Redis closes the command's connection. Fails with `QUERY_TIMEOUT`.
+    pub statement_timeout_ms: Option<f64>,
     /// TLS settings; `sslmode` in the URL is honoured too.
     pub tls: Option<TlsOptions>,
     /// Label in metrics. Default: the backend name (`postgres`, `sqlite`, `redis`).
     pub name: Option<String>,
     /// How int8 columns arrive: `bigint` (default) or `string`.
     pub int8: Option<String>,
+}
+
+/// Bounds on one call. The wait for a connection counts against them too.
+#[napi(object, object_to_js = false)]
+#[allow(dead_code)] // declares the TypeScript interface; `bounds` reads the fields itself
+pub struct CallOptions {
+    /// Fail with `QUERY_TIMEOUT` after this many ms. A running PostgreSQL statement is
+    /// cancelled on the server (and its connection goes back idle), SQLite is interrupted,
+    /// a Redis command's connection is closed.
+    pub timeout_ms: Option<f64>,
+    /// Abort with an `AbortError` (`code: 'ABORT_ERR'`, the signal's reason as `cause`),
+    /// stopping the call the same way. An already-aborted signal rejects at once.
+    #[napi(ts_type = "AbortSignal")]
+    pub signal: Option<Unknown<'static>>,
+}
+
+/// Internal: the native side of an `AbortSignal` given in `CallOptions`, made and
+/// cancelled by quartermaster's own wrapper. Pass `signal`; you never need this class.
+#[napi]
+pub struct Cancellation {
+    token: tokio_util::sync::CancellationToken,
+}
+
+#[napi]
+impl Cancellation {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        Cancellation {
+            token: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    #[napi]
+    pub fn cancel(&self) {
+        self.token.cancel();
+    }
+}
+
+impl Default for Cancellation {
+    fn default() -> Self {
+        Cancellation::new()
+    }
+}
+
+/// Reads `timeoutMs` from the options and the wrapper's cancellation into core bounds.
+fn bounds(
+    env: &Env,
+    options: Option<Unknown<'_>>,
+    cancel: Option<&Cancellation>,
+) -> CoreResult<Bounds> {
+    let timeout = match options {
+        Some(o)
+            if !matches!(
+                o.get_type(),
+                Ok(napi::ValueType::Undefined) | Ok(napi::ValueType::Null)
+            ) =>
+        {
+            values::number_property(env, o.raw(), "timeoutMs", "options.timeoutMs")?
+        }
+        _ => None,
+    };
+    let timeout = match timeout {
+        None => None,
+        Some(ms) if ms.is_finite() && ms > 0.0 && ms <= 30.0 * 86_400_000.0 => {
+            Some(Duration::from_micros((ms * 1000.0) as u64))
+        }
+        Some(ms) => {
+            return Err(Error::invalid_argument(format!(
+                "options.timeoutMs must be a positive number of milliseconds (got {ms})"
+            )))
+        }
+    };
+    Ok(Bounds::new(timeout, cancel.map(|c| c.token.clone())))
 }
 
 /// Rows of one statement.
@@ -206,6 +281,7 @@ fn core_options(o: PoolOptions) -> CoreOptions {
         max_waiting: o.max_waiting,
         leak_detection_ms: o.leak_detection_ms,
         statement_cache: o.statement_cache,
+        statement_timeout_ms: o.statement_timeout_ms,
         tls_mode,
         tls_ca,
         name: o.name,
@@ -262,7 +338,7 @@ fn pipeline_from_js(env: &Env, commands: sys::napi_value) -> CoreResult<Vec<(Str
 /// Where a statement goes: the pool's queue, or one lease's connection.
 trait Runner {
     fn int8(&self) -> Int8Mode;
-    fn send(&self, statement: Statement, complete: Complete<Outcome>);
+    fn send(&self, statement: Statement, bounds: Bounds, complete: Complete<Outcome>);
 }
 
 impl Runner for ConnectionPool {
@@ -270,9 +346,9 @@ impl Runner for ConnectionPool {
         self.int8
     }
 
-    fn send(&self, statement: Statement, complete: Complete<Outcome>) {
+    fn send(&self, statement: Statement, bounds: Bounds, complete: Complete<Outcome>) {
         match self.check_open() {
-            Ok(()) => self.pool.submit(statement, complete),
+            Ok(()) => self.pool.submit(statement, bounds, complete),
             Err(e) => complete(Err(e)),
         }
     }
@@ -283,8 +359,8 @@ impl Runner for PooledConnection {
         self.int8
     }
 
-    fn send(&self, statement: Statement, complete: Complete<Outcome>) {
-        self.lease.submit(statement, complete);
+    fn send(&self, statement: Statement, bounds: Bounds, complete: Complete<Outcome>) {
+        self.lease.submit(statement, bounds, complete);
     }
 }
 
@@ -293,14 +369,18 @@ fn send_query<'e>(
     env: &'e Env,
     sql: String,
     params: Option<Unknown<'e>>,
+    options: Option<Unknown<'e>>,
+    cancel: Option<&Cancellation>,
 ) -> napi::Result<PromiseRaw<'e, QueryResult>> {
-    let params = match values::params_from_js(env, raw(&params)) {
-        Ok(p) => p,
+    let (params, bounds) = match values::params_from_js(env, raw(&params))
+        .and_then(|p| Ok((p, bounds(env, options, cancel)?)))
+    {
+        Ok(v) => v,
         Err(e) => return settled(env, Err(e)),
     };
     let int8 = to.int8();
     let (complete, promise) = promise(env, move |_, out: Outcome| Ok(rows(out.into_rows(), int8)))?;
-    to.send(Statement::Query(sql, params), complete);
+    to.send(Statement::Query(sql, params), bounds, complete);
     Ok(promise)
 }
 
@@ -309,16 +389,20 @@ fn send_execute<'e>(
     env: &'e Env,
     sql: String,
     params: Option<Unknown<'e>>,
+    options: Option<Unknown<'e>>,
+    cancel: Option<&Cancellation>,
 ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
-    let params = match values::params_from_js(env, raw(&params)) {
-        Ok(p) => p,
+    let (params, bounds) = match values::params_from_js(env, raw(&params))
+        .and_then(|p| Ok((p, bounds(env, options, cancel)?)))
+    {
+        Ok(v) => v,
         Err(e) => return settled(env, Err(e)),
     };
     let (complete, promise) = promise(env, |_, out: Outcome| match out {
         Outcome::Done(d) => Ok(done(d)),
         _ => unreachable_value(),
     })?;
-    to.send(Statement::Execute(sql, params), complete);
+    to.send(Statement::Execute(sql, params), bounds, complete);
     Ok(promise)
 }
 
@@ -327,16 +411,20 @@ fn send_command<'e>(
     env: &'e Env,
     name: String,
     args: Option<Unknown<'e>>,
+    options: Option<Unknown<'e>>,
+    cancel: Option<&Cancellation>,
 ) -> napi::Result<PromiseRaw<'e, Reply>> {
-    let args = match values::params_from_js(env, raw(&args)) {
-        Ok(a) => a,
+    let (args, bounds) = match values::params_from_js(env, raw(&args))
+        .and_then(|a| Ok((a, bounds(env, options, cancel)?)))
+    {
+        Ok(v) => v,
         Err(e) => return settled(env, Err(e)),
     };
     let (complete, promise) = promise(env, |_, out: Outcome| match out {
         Outcome::Reply(v) => Ok(Reply(v)),
         _ => unreachable_value(),
     })?;
-    to.send(Statement::Command(name, args), complete);
+    to.send(Statement::Command(name, args), bounds, complete);
     Ok(promise)
 }
 
@@ -344,16 +432,20 @@ fn send_pipeline<'e>(
     to: &impl Runner,
     env: &'e Env,
     commands: Unknown<'e>,
+    options: Option<Unknown<'e>>,
+    cancel: Option<&Cancellation>,
 ) -> napi::Result<PromiseRaw<'e, Reply>> {
-    let commands = match pipeline_from_js(env, commands.raw()) {
-        Ok(c) => c,
+    let (commands, bounds) = match pipeline_from_js(env, commands.raw())
+        .and_then(|c| Ok((c, bounds(env, options, cancel)?)))
+    {
+        Ok(v) => v,
         Err(e) => return settled(env, Err(e)),
     };
     let (complete, promise) = promise(env, |_, out: Outcome| match out {
         Outcome::Replies(v) => Ok(Reply(Value::Array(v))),
         _ => unreachable_value(),
     })?;
-    to.send(Statement::Pipeline(commands), complete);
+    to.send(Statement::Pipeline(commands), bounds, complete);
     Ok(promise)
 }
 
@@ -429,7 +521,7 @@ impl ConnectionPool {
 
     /// Runs one statement on a pooled connection and returns its rows.
     #[napi(
-        ts_args_type = "sql: string, params?: unknown[]",
+        ts_args_type = "sql: string, params?: unknown[], options?: CallOptions",
         ts_return_type = "Promise<QueryResult>"
     )]
     pub fn query<'e>(
@@ -437,13 +529,15 @@ impl ConnectionPool {
         env: &'e Env,
         sql: String,
         params: Option<Unknown<'e>>,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, QueryResult>> {
-        send_query(self, env, sql, params)
+        send_query(self, env, sql, params, options, cancel)
     }
 
     /// Runs one statement for its effect and returns the rows affected.
     #[napi(
-        ts_args_type = "sql: string, params?: unknown[]",
+        ts_args_type = "sql: string, params?: unknown[], options?: CallOptions",
         ts_return_type = "Promise<ExecuteResult>"
     )]
     pub fn execute<'e>(
@@ -451,14 +545,16 @@ impl ConnectionPool {
         env: &'e Env,
         sql: String,
         params: Option<Unknown<'e>>,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
-        send_execute(self, env, sql, params)
+        send_execute(self, env, sql, params, options, cancel)
     }
 
     /// Redis: runs one command, e.g. `command('SET', 'k', 'v')`; the arguments may also come
     /// as one array, `command('SET', ['k', 'v'])`.
     #[napi(
-        ts_args_type = "name: string, ...args: Array<string | number | bigint | Buffer> | [Array<string | number | bigint | Buffer>]",
+        ts_args_type = "name: string, ...args: Array<string | number | bigint | Buffer | CallOptions> | [Array<string | number | bigint | Buffer>, CallOptions?]",
         ts_return_type = "Promise<unknown>"
     )]
     pub fn command<'e>(
@@ -466,30 +562,53 @@ impl ConnectionPool {
         env: &'e Env,
         name: String,
         args: Option<Unknown<'e>>,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, Reply>> {
-        send_command(self, env, name, args)
+        send_command(self, env, name, args, options, cancel)
     }
 
     /// Redis: sends several commands in one round trip, e.g. `pipeline([['SET','k','v'], ['GET','k']])`.
     #[napi(
-        ts_args_type = "commands: Array<[string, ...Array<string | number | bigint | Buffer>]>",
+        ts_args_type = "commands: Array<[string, ...Array<string | number | bigint | Buffer>]>, options?: CallOptions",
         ts_return_type = "Promise<unknown[]>"
     )]
     pub fn pipeline<'e>(
         &self,
         env: &'e Env,
         commands: Unknown<'e>,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, Reply>> {
-        send_pipeline(self, env, commands)
+        send_pipeline(self, env, commands, options, cancel)
     }
 
     /// Checks out a connection for several statements (a transaction, session state).
     /// Release it with `release()`, `using` or `await using`; a lease the garbage collector
     /// finds unreleased is rolled back, returned and counted in `leakedLeases`.
-    #[napi(ts_return_type = "Promise<PooledConnection>")]
-    pub fn acquire<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, PooledConnection>> {
+    /// `options.timeoutMs` / `options.signal` bound the wait (never past `acquireTimeoutMs`).
+    #[napi(
+        ts_args_type = "options?: CallOptions",
+        ts_return_type = "Promise<PooledConnection>"
+    )]
+    pub fn acquire<'e>(
+        &self,
+        env: &'e Env,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
+    ) -> napi::Result<PromiseRaw<'e, PooledConnection>> {
         if let Err(e) = self.check_open() {
             return settled(env, Err(e));
+        }
+        let bounds = match bounds(env, options, cancel) {
+            Ok(b) => b,
+            Err(e) => return settled(env, Err(e)),
+        };
+        if let Some(fired) = bounds.check() {
+            return settled(
+                env,
+                Err(bounds.error(fired, "before a connection was taken")),
+            );
         }
         let stack = capture_stack(env, !self.pool.config().leak_detection.is_zero());
         // An idle connection used moments ago needs no validation: hand it out without
@@ -503,7 +622,7 @@ impl ConnectionPool {
         let int8 = self.int8;
         spawn(
             env,
-            async move { pool.acquire(stack).await },
+            async move { pool.acquire_within(stack, &bounds).await },
             move |_, lease| Ok(PooledConnection::new(lease, int8)),
         )
     }
@@ -525,46 +644,23 @@ impl ConnectionPool {
     /// statement inside failed and `fn` caught it, COMMIT is answered with ROLLBACK and this
     /// rejects (`QUERY_FAILED`, `rolledBack: true`, the failed statement's SQLSTATE). On
     /// Redis it resolves with EXEC's replies, a failed command's reply an `Error` in its
-    /// place (the others were applied). The connection is released either way.
+    /// place (the others were applied). `options.timeoutMs` / `options.signal` bound the
+    /// whole transaction (the wait, every statement, `fn` itself): past them it is rolled
+    /// back and rejects with `QUERY_TIMEOUT` / `ABORT_ERR`. The connection is released
+    /// either way.
     #[napi(
-        ts_args_type = "fn: (tx: PooledConnection) => Promise<T>",
+        ts_args_type = "fn: (tx: PooledConnection) => Promise<T>, options?: CallOptions",
         ts_return_type = "Promise<T>",
         ts_generic_types = "T"
     )]
-    pub fn transaction(
-        &self,
-        env: Env,
-        this: napi::bindgen_prelude::This,
-        callback: Unknown,
-    ) -> napi::Result<Unknown<'_>> {
-        let backend = self.pool.config().target.backend();
-        let helper = transaction_helper(&env)?;
-        let raw_env = env.raw();
-        let mut backend_name = ptr::null_mut();
-        let mut out = ptr::null_mut();
-        unsafe {
-            sys::napi_create_string_utf8(
-                raw_env,
-                backend.as_ptr().cast(),
-                backend.len() as isize,
-                &mut backend_name,
-            );
-            let argv = [this.object.raw(), callback.raw(), backend_name];
-            let mut undefined = ptr::null_mut();
-            sys::napi_get_undefined(raw_env, &mut undefined);
-            let status = sys::napi_call_function(
-                raw_env,
-                undefined,
-                helper,
-                argv.len(),
-                argv.as_ptr(),
-                &mut out,
-            );
-            if status != sys::Status::napi_ok {
-                return Err(napi::Error::from_reason("transaction could not start"));
-            }
-            Ok(Unknown::from_raw_unchecked(raw_env, out))
-        }
+    pub fn transaction<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, ()>> {
+        // Replaced at module load by the JavaScript in wrappers.js.
+        settled(
+            env,
+            Err(Error::internal(
+                "transaction() was not installed by the module loader",
+            )),
+        )
     }
 
     /// Occupancy right now.
@@ -700,78 +796,20 @@ impl ConnectionPool {
     }
 }
 
-thread_local! {
-    /// The compiled transaction helper, per Node environment (one per thread).
-    static TRANSACTION_HELPER: Cell<Option<(sys::napi_env, sys::napi_ref)>> = const { Cell::new(None) };
-}
-
-const TRANSACTION_JS: &str = r#"(async function transaction(pool, fn, backend) {
-  if (typeof fn !== 'function') {
-    const err = new TypeError('transaction(fn) needs a function');
-    err.code = 'INVALID_ARGUMENT';
-    throw err;
-  }
-  const redis = backend === 'redis';
-  const tx = await pool.acquire();
-  const run = (sql) => (redis ? tx.command(sql) : tx.query(sql));
-  try {
-    // SQLite: take the write lock up front, so a read-then-write transaction waits for it
-    // instead of failing with SQLITE_BUSY when it first writes.
-    await run(redis ? 'MULTI' : backend === 'sqlite' ? 'BEGIN IMMEDIATE' : 'BEGIN');
-    let result;
-    try {
-      result = await fn(tx);
-    } catch (err) {
-      try { await run(redis ? 'DISCARD' : 'ROLLBACK'); } catch (_) { /* the release below resets the connection */ }
-      throw err;
-    }
-    const committed = await run(redis ? 'EXEC' : 'COMMIT');
-    return redis && result === undefined ? committed : result;
-  } finally {
-    tx.release();
-  }
-})"#;
-
-fn transaction_helper(env: &Env) -> napi::Result<sys::napi_value> {
-    let raw_env = env.raw();
-    if let Some((owner, reference)) = TRANSACTION_HELPER.with(Cell::get) {
-        if owner == raw_env {
-            let mut value = ptr::null_mut();
-            if unsafe { sys::napi_get_reference_value(raw_env, reference, &mut value) }
-                == sys::Status::napi_ok
-            {
-                return Ok(value);
-            }
-        }
-    }
-    let function: Unknown = env.run_script(TRANSACTION_JS)?;
-    let mut reference = ptr::null_mut();
-    unsafe { sys::napi_create_reference(raw_env, function.raw(), 1, &mut reference) };
-    TRANSACTION_HELPER.with(|c| c.set(Some((raw_env, reference))));
-    Ok(function.raw())
-}
-
-/// Gives both classes a variadic `command(name, ...args)`. napi-rs methods take a fixed
-/// number of arguments, so the native method receives the rest as one array; a single array
-/// argument (never a valid Redis argument itself) is passed through as the list.
+/// The JavaScript parts of the API (AbortSignal wiring, variadic `command`, `transaction`),
+/// installed on the classes once per environment.
 #[cfg_attr(test, allow(dead_code))] // napi's module registration is left out of unit tests
-const VARIADIC_COMMAND_JS: &str = r#"(function variadicCommand(...classes) {
-  for (const cls of classes) {
-    const native = cls.prototype.command;
-    cls.prototype.command = function command(name, ...args) {
-      return native.call(this, name, args.length === 1 && Array.isArray(args[0]) ? args[0] : args);
-    };
-  }
-})"#;
+const WRAPPERS_JS: &str = include_str!("wrappers.js");
 
 #[cfg_attr(test, allow(dead_code))]
 #[napi(module_exports)]
-pub fn install_variadic_command(exports: Object, env: Env) -> napi::Result<()> {
-    let install: Function<'_, FnArgs<(Unknown<'_>, Unknown<'_>)>, Unknown<'_>> =
-        env.run_script(VARIADIC_COMMAND_JS)?;
+pub fn install_wrappers(exports: Object, env: Env) -> napi::Result<()> {
+    let install: Function<'_, FnArgs<(Unknown<'_>, Unknown<'_>, Unknown<'_>)>, Unknown<'_>> =
+        env.run_script(WRAPPERS_JS)?;
     let pool: Unknown = exports.get_named_property("ConnectionPool")?;
     let lease: Unknown = exports.get_named_property("PooledConnection")?;
-    install.call((pool, lease).into())?;
+    let cancellation: Unknown = exports.get_named_property("Cancellation")?;
+    install.call((pool, lease, cancellation).into())?;
     Ok(())
 }
 
@@ -797,7 +835,7 @@ impl PooledConnection {
 impl PooledConnection {
     /// Runs one statement on this connection and returns its rows.
     #[napi(
-        ts_args_type = "sql: string, params?: unknown[]",
+        ts_args_type = "sql: string, params?: unknown[], options?: CallOptions",
         ts_return_type = "Promise<QueryResult>"
     )]
     pub fn query<'e>(
@@ -805,13 +843,15 @@ impl PooledConnection {
         env: &'e Env,
         sql: String,
         params: Option<Unknown<'e>>,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, QueryResult>> {
-        send_query(self, env, sql, params)
+        send_query(self, env, sql, params, options, cancel)
     }
 
     /// Runs one statement for its effect on this connection.
     #[napi(
-        ts_args_type = "sql: string, params?: unknown[]",
+        ts_args_type = "sql: string, params?: unknown[], options?: CallOptions",
         ts_return_type = "Promise<ExecuteResult>"
     )]
     pub fn execute<'e>(
@@ -819,14 +859,16 @@ impl PooledConnection {
         env: &'e Env,
         sql: String,
         params: Option<Unknown<'e>>,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
-        send_execute(self, env, sql, params)
+        send_execute(self, env, sql, params, options, cancel)
     }
 
     /// Redis: runs one command on this connection, e.g. `command('INCR', 'k')` (or with the
     /// arguments as one array).
     #[napi(
-        ts_args_type = "name: string, ...args: Array<string | number | bigint | Buffer> | [Array<string | number | bigint | Buffer>]",
+        ts_args_type = "name: string, ...args: Array<string | number | bigint | Buffer | CallOptions> | [Array<string | number | bigint | Buffer>, CallOptions?]",
         ts_return_type = "Promise<unknown>"
     )]
     pub fn command<'e>(
@@ -834,21 +876,38 @@ impl PooledConnection {
         env: &'e Env,
         name: String,
         args: Option<Unknown<'e>>,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, Reply>> {
-        send_command(self, env, name, args)
+        send_command(self, env, name, args, options, cancel)
     }
 
     /// Redis: several commands in one round trip on this connection.
     #[napi(
-        ts_args_type = "commands: Array<[string, ...Array<string | number | bigint | Buffer>]>",
+        ts_args_type = "commands: Array<[string, ...Array<string | number | bigint | Buffer>]>, options?: CallOptions",
         ts_return_type = "Promise<unknown[]>"
     )]
     pub fn pipeline<'e>(
         &self,
         env: &'e Env,
         commands: Unknown<'e>,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, Reply>> {
-        send_pipeline(self, env, commands)
+        send_pipeline(self, env, commands, options, cancel)
+    }
+
+    /// Internal (transaction): bounds every statement run on this lease from now on.
+    #[napi(js_name = "_bound", skip_typescript)]
+    pub fn bound(
+        &self,
+        env: Env,
+        options: Option<Unknown<'_>>,
+        cancel: Option<&Cancellation>,
+    ) -> napi::Result<()> {
+        let bounds = bounds(&env, options, cancel).map_err(|e| js_error(&env, e))?;
+        self.lease.bound(bounds);
+        Ok(())
     }
 
     /// True once released; further calls fail with `POOL_CLOSED`.

@@ -324,6 +324,37 @@ pub(crate) fn element_at(env: &Env, array: Raw, index: u32) -> Result<Raw, Error
     element(env.raw(), array, index)
 }
 
+/// `object[name]` as a number, `None` when absent; `what` names it in the error.
+pub(crate) fn number_property(
+    env: &Env,
+    object: Raw,
+    name: &str,
+    what: &str,
+) -> Result<Option<f64>, Error> {
+    let env = env.raw();
+    if type_of(env, object)? != ValueType::Object {
+        return Err(Error::invalid_argument(format!(
+            "options must be an object (for {what})"
+        )));
+    }
+    let key = std::ffi::CString::new(name).map_err(|_| internal("property name"))?;
+    let mut value = ptr::null_mut();
+    if unsafe { sys::napi_get_named_property(env, object, key.as_ptr(), &mut value) }
+        != sys::Status::napi_ok
+    {
+        return Err(internal("property"));
+    }
+    match type_of(env, value)? {
+        ValueType::Undefined | ValueType::Null => Ok(None),
+        ValueType::Number => {
+            let mut n = 0.0;
+            unsafe { sys::napi_get_value_double(env, value, &mut n) };
+            Ok(Some(n))
+        }
+        _ => Err(Error::invalid_argument(format!("{what} must be a number"))),
+    }
+}
+
 // ---- out ----
 
 fn string_to_js(env: sys::napi_env, s: &str) -> napi::Result<Raw> {

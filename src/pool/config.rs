@@ -55,6 +55,8 @@ pub struct PoolConfig {
     /// Zero: leak detection off (and no acquire stacks captured).
     pub leak_detection: Duration,
     pub statement_cache: bool,
+    /// Zero: statements are unbounded unless a call says otherwise.
+    pub statement_timeout: Duration,
     pub tls: Option<TlsOptions>,
     pub name: String,
     pub int8: Int8Mode,
@@ -76,6 +78,7 @@ pub struct PoolOptions {
     pub max_waiting: Option<f64>,
     pub leak_detection_ms: Option<f64>,
     pub statement_cache: Option<bool>,
+    pub statement_timeout_ms: Option<f64>,
     pub tls_mode: Option<String>,
     pub tls_ca: Option<String>,
     pub name: Option<String>,
@@ -193,6 +196,7 @@ impl PoolConfig {
             )?,
             leak_detection: millis("leakDetectionMs", opts.leak_detection_ms, 0, true)?,
             statement_cache: opts.statement_cache.unwrap_or(true),
+            statement_timeout: millis("statementTimeoutMs", opts.statement_timeout_ms, 0, true)?,
             tls,
             name,
             int8,

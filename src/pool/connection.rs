@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::metrics::PoolRecorder;
+use crate::pool::bounds::Bounds;
 use crate::pool::postgres::wire::TxStatus;
 use crate::pool::postgres::PgConnection;
 use crate::pool::redis::RedisConnection;
@@ -134,6 +135,8 @@ pub struct Connection {
     /// PostgreSQL: the first failure inside the open transaction, for COMMIT's error.
     failed_in_transaction: Mutex<Option<Error>>,
     recorder: Arc<PoolRecorder>,
+    /// Its place in the pool, freed when the connection is dropped.
+    pub(crate) slot: Option<crate::pool::inventory::Slot>,
 }
 
 impl Connection {
@@ -154,6 +157,7 @@ impl Connection {
             broken: AtomicBool::new(false),
             failed_in_transaction: Mutex::new(None),
             recorder,
+            slot: None,
         }
     }
 
@@ -292,6 +296,60 @@ impl Connection {
         Err(err)
     }
 
+    /// Runs `op` within `bounds`. A bound that fires mid-statement stops it where it runs:
+    /// PostgreSQL gets a cancel request and the statement's own answer is awaited (so the
+    /// connection goes back idle, never busy), SQLite is interrupted, and a Redis command's
+    /// connection is closed. A statement that finished before the stop took effect reports
+    /// what it really did.
+    pub async fn run_within(&self, op: &Operation<'_>, bounds: &Bounds) -> Result<Outcome> {
+        if !bounds.is_set() {
+            return self.run(op).await;
+        }
+        if let Some(fired) = bounds.check() {
+            return Err(bounds.error(fired, "before it was sent").with_sent(false));
+        }
+        let run = self.run(op);
+        tokio::pin!(run);
+        let fired = tokio::select! {
+            biased;
+            outcome = &mut run => return outcome,
+            fired = bounds.fired() => fired,
+        };
+        match &self.backend {
+            Backend::Postgres(pg) => {
+                let _ = tokio::time::timeout(STOP_GRACE, pg.cancel()).await;
+            }
+            Backend::Sqlite(s) => s.interrupt(),
+            Backend::Redis(_) => {
+                self.broken.store(true, Ordering::Relaxed);
+                return Err(bounds
+                    .error(
+                        fired,
+                        "waiting for Redis's answer; its connection was closed",
+                    )
+                    .with_sent(true));
+            }
+        }
+        match tokio::time::timeout(STOP_GRACE, &mut run).await {
+            Ok(Err(e)) if was_stopped(&e) => {
+                Err(bounds.error(fired, "while running; it was cancelled and rolled back"))
+            }
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.broken.store(true, Ordering::Relaxed);
+                if let Backend::Postgres(pg) = &self.backend {
+                    pg.abandon();
+                }
+                Err(bounds
+                    .error(
+                        fired,
+                        "and the cancel was not confirmed; the connection was closed",
+                    )
+                    .with_sent(true))
+            }
+        }
+    }
+
     pub async fn run(&self, op: &Operation<'_>) -> Result<Outcome> {
         forced_panic(op);
         match *op {
@@ -364,6 +422,15 @@ impl Connection {
             }
         }
     }
+}
+
+/// How long a stopped statement may take to report that it stopped before its connection
+/// is closed instead.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// The statement ended because it was cancelled (PostgreSQL) or interrupted (SQLite).
+fn was_stopped(e: &Error) -> bool {
+    matches!(e.sqlstate.as_deref(), Some("57014") | Some("SQLITE_9"))
 }
 
 /// The statement text that, with `QM_TEST_PANIC` set in the environment, panics where

@@ -40,6 +40,7 @@ impl Connector {
                     url,
                     config.tls.as_ref(),
                     config.statement_cache,
+                    config.statement_timeout,
                 )?))
             }
             Target::SqliteFile { path } => Dial::Sqlite(SqliteTarget::File(path.clone())),
@@ -68,10 +69,13 @@ impl Connector {
                 target,
                 self.config.acquire_timeout,
                 self.config.statement_cache,
+                self.config.statement_timeout,
             )
             .await
             .map(Backend::Sqlite),
-            Dial::Redis(client) => redis::connect(client, timeout).await.map(Backend::Redis),
+            Dial::Redis(client) => redis::connect(client, timeout, self.config.statement_timeout)
+                .await
+                .map(Backend::Redis),
         };
         match backend {
             Ok(b) => Ok(Connection::new(

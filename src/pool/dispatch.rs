@@ -12,7 +12,7 @@ use futures::FutureExt;
 
 use crate::error::{Error, ErrorCode, Phase, Result};
 use crate::pool::connection::{Outcome, Statement};
-use crate::pool::{Pool, PoolShared, Waiting};
+use crate::pool::{Bounds, Pool, PoolShared, Waiting};
 
 /// Called once with the statement's outcome, on a runtime thread.
 pub type Done = Box<dyn FnOnce(Result<Outcome>) + Send>;
@@ -40,17 +40,25 @@ impl Queue {
 }
 
 impl Pool {
-    /// Queues one statement; `done` receives its outcome. Never blocks the caller.
-    pub fn submit(&self, statement: Statement, done: Done) {
+    /// Queues one statement; `done` receives its outcome. Never blocks the caller. A
+    /// statement with bounds (a timeout or an abort signal) runs on a connection of its own,
+    /// so stopping it can never touch another caller's statement.
+    pub fn submit(&self, statement: Statement, bounds: Bounds, done: Done) {
         let s = &self.shared;
         if self.is_closed() {
             return done(Err(self.closed_error()));
         }
-        if !statement.can_pipeline() {
+        if let Some(fired) = bounds.check() {
+            return done(Err(bounds
+                .error(fired, "before it was sent")
+                .with_sent(false)));
+        }
+        if !statement.can_pipeline() || bounds.is_set() {
             let pool = self.clone();
             let pending = Pending::new(done);
-            s.runtime
-                .spawn(async move { pending.settle(pool.run(&statement.borrow()).await) });
+            s.runtime.spawn(async move {
+                pending.settle(pool.run_within(&statement.borrow(), &bounds).await)
+            });
             return;
         }
         let occupancy = s.inventory.occupancy();

@@ -5,7 +5,8 @@
 //! connections can serve does not storm the database with connects.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -39,8 +40,6 @@ struct State {
     /// leases as one pointer.
     #[allow(clippy::vec_box)]
     idle: Vec<Box<Connection>>,
-    /// Open connections: idle, leased or out for a keepalive ping.
-    open: usize,
     /// Connections being opened.
     opening: usize,
     /// Idle connections out for a keepalive ping (counted as idle).
@@ -67,16 +66,37 @@ pub struct Occupancy {
 
 pub(crate) struct Inventory {
     state: Mutex<State>,
+    /// Open connections: idle, leased or out for a ping. Counted down by each connection's
+    /// [`Slot`] as it is dropped, wherever that happens.
+    open: Arc<AtomicUsize>,
     connector: Connector,
     config: Arc<PoolConfig>,
     recorder: Arc<PoolRecorder>,
     runtime: Handle,
 }
 
-/// Removes a waiter that stopped waiting (timed out or dropped) from the queue.
+/// A connection's place in its pool: dropping the connection, anywhere, frees the place
+/// and lets a waiter have a new connection opened.
+pub(crate) struct Slot {
+    open: Arc<AtomicUsize>,
+    inventory: Weak<Inventory>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(inventory) = self.inventory.upgrade() {
+            inventory.open_if_needed();
+        }
+    }
+}
+
+/// A caller waiting for a connection. Dropped (timed out, or its caller gave up) it leaves
+/// the queue, and a connection handed to it meanwhile goes back to the pool.
 struct Queued<'a> {
     inventory: &'a Inventory,
     id: u64,
+    rx: oneshot::Receiver<Handoff>,
 }
 
 impl Drop for Queued<'_> {
@@ -86,6 +106,9 @@ impl Drop for Queued<'_> {
             .lock()
             .waiters
             .retain(|w| w.id != self.id);
+        if let Ok(Handoff::Ready(conn)) = self.rx.try_recv() {
+            self.inventory.give_back(conn);
+        }
     }
 }
 
@@ -97,9 +120,9 @@ impl Inventory {
         runtime: Handle,
     ) -> Arc<Inventory> {
         Arc::new(Inventory {
+            open: Arc::new(AtomicUsize::new(0)),
             state: Mutex::new(State {
                 idle: Vec::new(),
-                open: 0,
                 opening: 0,
                 checking: 0,
                 max_size: config.max_size,
@@ -116,11 +139,15 @@ impl Inventory {
         })
     }
 
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
     pub fn occupancy(&self) -> Occupancy {
         let s = self.state.lock();
         Occupancy {
             max_size: s.max_size,
-            open: s.open,
+            open: self.open(),
             idle: s.idle.len() + s.checking,
             opening: s.opening,
             waiters: s.waiters.len(),
@@ -133,7 +160,8 @@ impl Inventory {
     }
 
     /// A connection by `deadline`: an idle one (pinged when idle past the grace period), else
-    /// one handed back by another caller or newly opened.
+    /// one handed back by another caller or newly opened. Dropping the future gives up
+    /// cleanly: the waiter leaves the queue, a connection on its way goes back.
     pub async fn checkout(self: &Arc<Self>, deadline: Instant) -> Result<Box<Connection>> {
         loop {
             let claim = {
@@ -156,36 +184,37 @@ impl Inventory {
                     }
                 }
             };
-            let (id, mut rx) = match claim {
+            let (id, rx) = match claim {
                 Ok(waiting) => waiting,
                 Err(conn) => {
+                    // If the caller gives up mid-ping, `conn` is dropped half-pinged: closed,
+                    // and its slot freed.
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    match self.connector.validate(&conn, remaining).await {
-                        Ok(()) => return Ok(conn),
-                        Err(_) => {
-                            self.discard(conn);
-                            if Instant::now() >= deadline {
-                                return Err(self.timeout(Phase::Validate));
-                            }
-                            continue;
-                        }
+                    if self.connector.validate(&conn, remaining).await.is_ok() {
+                        return Ok(conn);
                     }
+                    drop(conn);
+                    if Instant::now() >= deadline {
+                        return Err(self.timeout(Phase::Validate));
+                    }
+                    continue;
                 }
             };
-            let queued = Queued {
+            let mut queued = Queued {
                 inventory: self,
                 id,
+                rx,
             };
             self.open_if_needed();
-            let handoff = match tokio::time::timeout_at(deadline.into(), &mut rx).await {
+            let handoff = match tokio::time::timeout_at(deadline.into(), &mut queued.rx).await {
                 Ok(Ok(h)) => h,
                 Ok(Err(_)) => return Err(self.closed()),
                 Err(_) => {
-                    drop(queued);
+                    let phase = self.waiting_phase();
                     // Handed a connection just as time ran out: take it.
-                    match rx.try_recv() {
+                    match queued.rx.try_recv() {
                         Ok(h) => h,
-                        Err(_) => return Err(self.timeout(self.waiting_phase())),
+                        Err(_) => return Err(self.timeout(phase)),
                     }
                 }
             };
@@ -200,8 +229,7 @@ impl Inventory {
     pub fn give_back(&self, conn: Box<Connection>) {
         let mut conn = conn;
         let mut s = self.state.lock();
-        if s.closed || s.open > s.max_size {
-            s.open -= 1;
+        if s.closed || self.open() > s.max_size {
             drop(s);
             drop(conn);
             return;
@@ -216,11 +244,9 @@ impl Inventory {
         s.idle.push(conn);
     }
 
-    /// Closes a connection that must not be reused; a waiter may need a new one.
-    pub fn discard(self: &Arc<Self>, conn: Box<Connection>) {
-        self.state.lock().open -= 1;
+    /// Closes a connection that must not be reused; its slot lets a waiter have a new one.
+    pub fn discard(&self, conn: Box<Connection>) {
         drop(conn);
-        self.open_if_needed();
     }
 
     /// Starts as many connects as the pacing allows.
@@ -242,7 +268,8 @@ impl Inventory {
         if s.closed {
             return 0;
         }
-        let free = s.max_size.saturating_sub(s.open + s.opening);
+        let open = self.open();
+        let free = s.max_size.saturating_sub(open + s.opening);
         let wanted = match s.waiters.front() {
             Some(oldest) => {
                 let allowed = match s.connect_time {
@@ -257,7 +284,7 @@ impl Inventory {
                 };
                 allowed.min(s.waiters.len())
             }
-            None if s.open + s.opening < self.config.min_idle => 1,
+            None if open + s.opening < self.config.min_idle => 1,
             None => 0,
         };
         wanted.saturating_sub(s.opening).min(free)
@@ -269,11 +296,15 @@ impl Inventory {
         loop {
             let started = Instant::now();
             match self.connector.open(self.config.connect_timeout).await {
-                Ok(conn) => {
+                Ok(mut conn) => {
+                    self.open.fetch_add(1, Ordering::AcqRel);
+                    conn.slot = Some(Slot {
+                        open: Arc::clone(&self.open),
+                        inventory: Arc::downgrade(&self),
+                    });
                     {
                         let mut s = self.state.lock();
                         s.opening -= 1;
-                        s.open += 1;
                         s.last_error = None;
                         let took = started.elapsed();
                         s.connect_time = Some(match s.connect_time {
@@ -303,8 +334,9 @@ impl Inventory {
         let permanent = self.connector.is_permanent(&err);
         let mut s = self.state.lock();
         s.last_error = Some(err.clone());
+        let open = self.open();
         let still_wanted =
-            !s.closed && (!s.waiters.is_empty() || s.open + s.opening <= self.config.min_idle);
+            !s.closed && (!s.waiters.is_empty() || open + s.opening <= self.config.min_idle);
         if !permanent && still_wanted {
             return true;
         }
@@ -313,7 +345,7 @@ impl Inventory {
             // Nothing will come back if nothing is open: fail every waiter; else the one
             // this connect was for.
             let waiting = s.waiters.len();
-            let fail = if s.open == 0 { waiting } else { waiting.min(1) };
+            let fail = if open == 0 { waiting } else { waiting.min(1) };
             for w in s.waiters.drain(..fail) {
                 let _ = w.tx.send(Handoff::Failed(err.clone()));
             }
@@ -343,7 +375,7 @@ impl Inventory {
             (
                 Occupancy {
                     max_size: s.max_size,
-                    open: s.open,
+                    open: self.open(),
                     idle: s.idle.len() + s.checking,
                     opening: s.opening,
                     waiters: s.waiters.len(),
@@ -379,7 +411,7 @@ impl Inventory {
     pub fn retire(&self, keep: usize, retire: impl Fn(&Connection) -> bool) -> usize {
         let removed: Vec<Box<Connection>> = {
             let mut s = self.state.lock();
-            let mut open = s.open;
+            let mut open = self.open();
             let mut removed = Vec::new();
             let mut kept = Vec::with_capacity(s.idle.len());
             for conn in s.idle.drain(..) {
@@ -392,7 +424,6 @@ impl Inventory {
                 }
             }
             s.idle = kept;
-            s.open = open;
             removed
         };
         removed.len()
@@ -426,12 +457,8 @@ impl Inventory {
         let excess: Vec<Box<Connection>> = {
             let mut s = self.state.lock();
             s.max_size = max_size;
-            let mut out = Vec::new();
-            while s.open > max_size && !s.idle.is_empty() {
-                out.push(s.idle.remove(0));
-                s.open -= 1;
-            }
-            out
+            let excess = self.open().saturating_sub(max_size).min(s.idle.len());
+            s.idle.drain(..excess).collect()
         };
         drop(excess);
         self.open_if_needed();
@@ -443,7 +470,6 @@ impl Inventory {
         let (idle, waiters) = {
             let mut s = self.state.lock();
             s.closed = true;
-            s.open -= s.idle.len();
             (std::mem::take(&mut s.idle), std::mem::take(&mut s.waiters))
         };
         for w in waiters {

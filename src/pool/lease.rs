@@ -10,9 +10,10 @@ use tokio::runtime::Handle;
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::metrics::LiveToken;
+use crate::pool::bounds::Bounds;
 use crate::pool::connection::{Connection, Operation, Outcome, Statement};
 use crate::pool::dispatch::{Done, Pending};
-use crate::pool::{PoolShared, NEVER_SENT_RETRIES};
+use crate::pool::{PoolShared, Retries};
 
 /// How long a returned connection may take to roll back before it is closed instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,13 +62,12 @@ impl Lease {
     /// Runs one operation on the leased connection. Only the lease's first statement may
     /// move to another connection, and only when it provably never reached the server:
     /// after that the session (a transaction, settings) lives on this connection alone.
-    pub async fn run(&mut self, op: &Operation<'_>) -> Result<Outcome> {
-        let mut tries = 0;
+    pub async fn run(&mut self, op: &Operation<'_>, bounds: &Bounds) -> Result<Outcome> {
+        let mut retry = Retries::new(&self.shared);
         loop {
-            let result = Box::pin(self.connection()?.run(op)).await;
+            let result = Box::pin(self.connection()?.run_within(op, bounds)).await;
             match result {
-                Err(e) if e.never_sent() && self.fresh && tries < NEVER_SENT_RETRIES => {
-                    tries += 1;
+                Err(e) if e.never_sent() && self.fresh && retry.again() => {
                     if let Some(dead) = self.conn.take() {
                         self.shared.inventory.discard(dead);
                     }
@@ -152,7 +152,7 @@ impl Drop for Lease {
 
 /// What an [`OrderedLease`] has been asked to do, in order.
 enum Work {
-    Run(Statement, Pending),
+    Run(Statement, Bounds, Pending),
     Finish { leaked: bool },
 }
 
@@ -160,6 +160,8 @@ struct Ordered {
     queue: VecDeque<Work>,
     running: bool,
     released: bool,
+    /// A bound on everything run on this lease (a transaction's `timeoutMs` / signal).
+    bounds: Bounds,
 }
 
 /// A lease whose statements are issued without waiting (a JS handle): they run one at a
@@ -180,14 +182,16 @@ impl OrderedLease {
                 queue: VecDeque::new(),
                 running: false,
                 released: false,
+                bounds: Bounds::default(),
             }),
             lease: tokio::sync::Mutex::new(lease),
             runtime,
         })
     }
 
-    /// Queues one statement behind those issued before it; `done` gets its outcome.
-    pub fn submit(self: &Arc<Self>, statement: Statement, done: Done) {
+    /// Queues one statement behind those issued before it; `done` gets its outcome. The
+    /// statement's own bounds and the lease's apply, whichever is tighter.
+    pub fn submit(self: &Arc<Self>, statement: Statement, bounds: Bounds, done: Done) {
         let mut state = self.state.lock();
         if state.released {
             drop(state);
@@ -196,10 +200,16 @@ impl OrderedLease {
                 "this connection was already released to its pool",
             )));
         }
+        let bounds = bounds.within(&state.bounds);
         state
             .queue
-            .push_back(Work::Run(statement, Pending::new(done)));
+            .push_back(Work::Run(statement, bounds, Pending::new(done)));
         self.ensure_running(&mut state);
+    }
+
+    /// Bounds every statement run on this lease from now on (a transaction's deadline).
+    pub fn bound(&self, bounds: Bounds) {
+        self.state.lock().bounds = bounds;
     }
 
     /// Releases after everything issued so far (at once when nothing is). Idempotent.
@@ -244,9 +254,9 @@ impl OrderedLease {
             };
             let mut lease = self.lease.lock().await;
             match work {
-                Work::Run(statement, pending) => {
+                Work::Run(statement, bounds, pending) => {
                     let op = statement.borrow();
-                    let run = lease.run(&op);
+                    let run = lease.run(&op, &bounds);
                     // A panic settles the caller with INTERNAL (as `pending` drops) and the
                     // queue goes on.
                     if let Ok(outcome) = AssertUnwindSafe(run).catch_unwind().await {

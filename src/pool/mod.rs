@@ -1,6 +1,7 @@
 //! Connection pools for PostgreSQL, SQLite and Redis: one acquire deadline, validation on
 //! checkout, paced opening, background retirement and keepalive, clean return of every lease.
 
+pub mod bounds;
 pub mod config;
 pub mod connection;
 pub mod connector;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 
+pub use bounds::{Bounds, Fired};
 pub use config::{PoolConfig, PoolOptions, Target};
 pub use connection::{Connection, Operation, Outcome, Statement};
 pub use dispatch::Done;
@@ -35,8 +37,29 @@ use connector::{Connector, VALIDATION_GRACE};
 use inventory::Inventory;
 use sqlite::SqliteTarget;
 
-/// Most times a statement that never reached the server is tried on another connection.
-const NEVER_SENT_RETRIES: usize = 3;
+/// How often a statement that never reached the server may be tried on another connection:
+/// within the acquire deadline, and a few more times than the pool has connections.
+pub(crate) struct Retries {
+    deadline: Instant,
+    left: usize,
+}
+
+impl Retries {
+    pub(crate) fn new(shared: &PoolShared) -> Retries {
+        Retries {
+            deadline: Instant::now() + shared.config.acquire_timeout,
+            left: shared.inventory.occupancy().max_size + 2,
+        }
+    }
+
+    pub(crate) fn again(&mut self) -> bool {
+        if self.left == 0 || Instant::now() >= self.deadline {
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+}
 
 /// State shared by the pool and every lease it hands out.
 pub(crate) struct PoolShared {
@@ -248,14 +271,44 @@ impl Pool {
     /// that provably never reached the server (its connection was found lost before any of
     /// it was written) is run on another connection; one that may have run never is.
     pub async fn run(&self, op: &Operation<'_>) -> Result<Outcome> {
-        let mut tries = 0;
+        self.run_within(op, &Bounds::default()).await
+    }
+
+    /// [`run`](Self::run) within `bounds`: the wait for a connection and the statement.
+    pub async fn run_within(&self, op: &Operation<'_>, bounds: &Bounds) -> Result<Outcome> {
+        let mut retry = self.never_sent_retries();
         loop {
-            let lease = self.acquire(None).await?;
-            let result = Box::pin(lease.connection()?.run(op)).await;
+            let lease = self.acquire_within(None, bounds).await?;
+            let result = Box::pin(lease.connection()?.run_within(op, bounds)).await;
             match result {
-                Err(e) if e.never_sent() && tries < NEVER_SENT_RETRIES => tries += 1,
+                // Each try discards one dead connection; after a server restart every idle
+                // one may be dead, so keep going within the acquire deadline.
+                Err(e) if e.never_sent() && retry.again() => {}
                 other => return other,
             }
+        }
+    }
+
+    pub(crate) fn never_sent_retries(&self) -> Retries {
+        Retries::new(&self.shared)
+    }
+
+    /// [`acquire`](Self::acquire) that gives up when `bounds` fire: the waiter leaves the
+    /// queue and nothing is sent.
+    pub async fn acquire_within(&self, stack: Option<String>, bounds: &Bounds) -> Result<Lease> {
+        if !bounds.is_set() {
+            return self.acquire(stack).await;
+        }
+        if let Some(fired) = bounds.check() {
+            return Err(bounds.error(fired, "before it was sent").with_sent(false));
+        }
+        let acquire = Box::pin(self.acquire(stack));
+        tokio::select! {
+            biased;
+            lease = acquire => lease,
+            fired = bounds.fired() => Err(bounds
+                .error(fired, "waiting for a connection; it was never sent")
+                .with_sent(false)),
         }
     }
 

@@ -18,12 +18,18 @@ pub struct RedisConnection {
     pub tainted: AtomicBool,
 }
 
-pub async fn connect(client: &Client, timeout: Duration) -> Result<RedisConnection> {
-    // No response timeout: blocking commands (BLPOP 30) legitimately wait; redis-rs's default
-    // of 500 ms would fail them. Lost connections still surface as errors.
+pub async fn connect(
+    client: &Client,
+    timeout: Duration,
+    statement_timeout: Duration,
+) -> Result<RedisConnection> {
+    // No response timeout unless statementTimeoutMs asks: blocking commands (BLPOP 30)
+    // legitimately wait; redis-rs's default of 500 ms would fail them. Lost connections
+    // still surface as errors.
+    let response_timeout = (!statement_timeout.is_zero()).then_some(statement_timeout);
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
-        .set_response_timeout(None);
+        .set_response_timeout(response_timeout);
     let attempt = client.get_multiplexed_async_connection_with_config(&config);
     let conn = match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(conn)) => conn,
@@ -98,6 +104,16 @@ pub fn is_permanent(err: &Error) -> bool {
 }
 
 fn command_error(e: redis::RedisError) -> Error {
+    if e.is_timeout() {
+        // statementTimeoutMs: the answer may still come; the connection is not reused.
+        let mut err = Error::new(
+            ErrorCode::QueryTimeout,
+            format!("timed out after statementTimeoutMs waiting for Redis ({e}); the connection was closed"),
+        )
+        .with_sent(true);
+        err.desync = true;
+        return err;
+    }
     if let Some(code) = e.code() {
         return Error::new(ErrorCode::QueryFailed, e.to_string()).with_sqlstate(code);
     }

@@ -1,8 +1,9 @@
 //! SQLite connections on rusqlite (bundled). Statements run on tokio's blocking pool.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
@@ -17,6 +18,21 @@ const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
 
 pub struct SqliteConnection {
     conn: Arc<Mutex<Connection>>,
+    interrupt: rusqlite::InterruptHandle,
+    /// `statementTimeoutMs`, enforced by a progress handler against `deadline`.
+    statement_timeout: Option<Duration>,
+    /// The running statement's deadline in microseconds since [`epoch`]; 0 for none.
+    deadline: Arc<AtomicU64>,
+}
+
+/// A fixed instant that statement deadlines are counted from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn micros_since_epoch(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_micros() as u64 + 1
 }
 
 /// Where a pool's SQLite connections point.
@@ -81,13 +97,33 @@ pub async fn connect(
     target: &SqliteTarget,
     busy_timeout: Duration,
     statement_cache: bool,
+    statement_timeout: Duration,
 ) -> Result<SqliteConnection> {
     let target = target.clone();
-    let conn = tokio::task::spawn_blocking(move || open(&target, busy_timeout, statement_cache))
-        .await
-        .map_err(|e| Error::internal(format!("SQLite open task failed: {e}")))??;
+    let deadline = Arc::new(AtomicU64::new(0));
+    let watched = Arc::clone(&deadline);
+    let conn = tokio::task::spawn_blocking(move || {
+        let mut conn = open(&target, busy_timeout, statement_cache)?;
+        if !statement_timeout.is_zero() {
+            // Checked every thousand VM steps: cheap, and stops a runaway statement in µs.
+            conn.progress_handler(
+                1000,
+                Some(move || {
+                    let at = watched.load(Ordering::Relaxed);
+                    at != 0 && micros_since_epoch(Instant::now()) > at
+                }),
+            )
+            .map_err(query_error)?;
+        }
+        Ok::<_, Error>(conn)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("SQLite open task failed: {e}")))??;
     Ok(SqliteConnection {
+        interrupt: conn.get_interrupt_handle(),
         conn: Arc::new(Mutex::new(conn)),
+        statement_timeout: (!statement_timeout.is_zero()).then_some(statement_timeout),
+        deadline,
     })
 }
 
@@ -235,9 +271,40 @@ impl SqliteConnection {
         work: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || work(&conn.lock()))
-            .await
-            .map_err(|e| Error::internal(format!("SQLite task failed: {e}")))?
+        let limit = self
+            .statement_timeout
+            .map(|t| (Arc::clone(&self.deadline), t));
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock();
+            let Some((deadline, timeout)) = limit else {
+                return work(&conn);
+            };
+            deadline.store(
+                micros_since_epoch(Instant::now() + timeout),
+                Ordering::Relaxed,
+            );
+            let outcome = work(&conn);
+            deadline.store(0, Ordering::Relaxed);
+            outcome.map_err(|e| match e.sqlstate.as_deref() {
+                Some("SQLITE_9") => {
+                    let ms = timeout.as_secs_f64() * 1000.0;
+                    let mut err = Error::new(
+                        ErrorCode::QueryTimeout,
+                        format!("timed out after statementTimeoutMs ({ms} ms); interrupted"),
+                    );
+                    err.timeout_ms = Some(ms);
+                    err
+                }
+                _ => e,
+            })
+        })
+        .await
+        .map_err(|e| Error::internal(format!("SQLite task failed: {e}")))?
+    }
+
+    /// Interrupts the statement running now, if any (it fails with SQLITE_INTERRUPT).
+    pub fn interrupt(&self) {
+        self.interrupt.interrupt();
     }
 
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
@@ -279,10 +346,10 @@ mod tests {
     async fn memory_database_is_shared_by_the_pools_connections() {
         let target = SqliteTarget::memory();
         let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
-        let a = connect(&target, Duration::from_secs(1), true)
+        let a = connect(&target, Duration::from_secs(1), true, Duration::ZERO)
             .await
             .unwrap();
-        let b = connect(&target, Duration::from_secs(1), true)
+        let b = connect(&target, Duration::from_secs(1), true, Duration::ZERO)
             .await
             .unwrap();
         a.execute("create table t(x integer)", &[]).await.unwrap();
@@ -293,7 +360,7 @@ mod tests {
         assert_eq!(r.rows, vec![&[Value::Int(7)]]);
         let elsewhere = SqliteTarget::memory();
         let _other_db = MemoryDatabase::create(&elsewhere, Duration::from_secs(1)).unwrap();
-        let other = connect(&elsewhere, Duration::from_secs(1), true)
+        let other = connect(&elsewhere, Duration::from_secs(1), true, Duration::ZERO)
             .await
             .unwrap();
         assert!(other.query("select x from t", &[]).await.is_err());
@@ -303,7 +370,7 @@ mod tests {
     async fn transaction_state_and_errors_are_reported() {
         let target = SqliteTarget::memory();
         let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
-        let c = connect(&target, Duration::from_secs(1), true)
+        let c = connect(&target, Duration::from_secs(1), true, Duration::ZERO)
             .await
             .unwrap();
         c.execute("begin", &[]).await.unwrap();

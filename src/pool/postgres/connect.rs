@@ -105,6 +105,8 @@ pub struct Connector {
     load_balance: bool,
     tls: Option<(TlsMode, tokio_rustls::TlsConnector)>,
     statement_cache: bool,
+    /// `statementTimeoutMs`, enforced by the server (`statement_timeout`).
+    pub statement_timeout: Option<Duration>,
 }
 
 /// Splits our own URL parameters off a PostgreSQL URL and validates the rest.
@@ -147,11 +149,27 @@ pub fn parse_url(url: &str) -> Result<(tokio_postgres::Config, SessionTarget, bo
 }
 
 impl Connector {
-    pub fn new(url: &str, tls: Option<&TlsOptions>, statement_cache: bool) -> Result<Connector> {
+    pub fn new(
+        url: &str,
+        tls: Option<&TlsOptions>,
+        statement_cache: bool,
+        statement_timeout: Duration,
+    ) -> Result<Connector> {
         let (mut config, target, load_balance) = parse_url(url)?;
         let hosts = host_list(&config)?;
         if config.get_application_name().is_none() {
             config.application_name("quartermaster");
+        }
+        let statement_timeout = (!statement_timeout.is_zero()).then_some(statement_timeout);
+        if let Some(t) = statement_timeout {
+            // The server bounds each statement itself, cancelling exactly that one: pipelined
+            // neighbours are unaffected.
+            let setting = format!("-c statement_timeout={}", t.as_millis().max(1));
+            let options = match config.get_options() {
+                Some(existing) if !existing.trim().is_empty() => format!("{existing} {setting}"),
+                _ => setting,
+            };
+            config.options(&options);
         }
         // TLS is negotiated before tokio-postgres sees the stream.
         config.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -169,6 +187,7 @@ impl Connector {
             load_balance,
             tls,
             statement_cache,
+            statement_timeout,
         })
     }
 

@@ -203,6 +203,22 @@ impl PgConnection {
             if ends_session(code) {
                 return Error::connection_lost(true, text).with_sqlstate(code);
             }
+            if code == "57014" && db.message().contains("statement timeout") {
+                // statementTimeoutMs, enforced by the server: cancelled, rolled back.
+                let ms = self
+                    .connector
+                    .statement_timeout
+                    .map_or(0.0, |t| t.as_secs_f64() * 1000.0);
+                let mut err = Error::new(
+                    ErrorCode::QueryTimeout,
+                    format!(
+                        "timed out after statementTimeoutMs ({ms} ms); cancelled on the server"
+                    ),
+                )
+                .with_sqlstate(code);
+                err.timeout_ms = Some(ms);
+                return err;
+            }
             let mut err = Error::new(ErrorCode::QueryFailed, text).with_sqlstate(code);
             if code == "25006" && self.target == SessionTarget::ReadWrite {
                 // A read-write pool on a host that became read-only (demoted): retire it.
@@ -246,6 +262,12 @@ impl PgConnection {
             .map_err(|e| self.failure(e, mark))
     }
 
+    /// Closes the socket when this connection is dropped, without waiting for replies.
+    pub fn abandon(&self) {
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Asks the server to cancel whatever this connection is running.
     pub async fn cancel(&self) -> Result<()> {
         self.connector
@@ -267,17 +289,16 @@ impl PgConnection {
             }
         }
         let mark = self.wire.written();
-        let statement =
-            self.client
-                .prepare(sql)
-                .await
-                .map_err(|e| match self.failure(e, mark) {
-                    // A lost connection during Parse never ran the statement itself.
-                    lost if lost.code == ErrorCode::ConnectionLost => {
-                        Error::connection_lost(false, lost.message)
-                    }
-                    other => other,
-                })?;
+        let statement = self.client.prepare(sql).await.map_err(|e| {
+            if e.is_closed()
+                || e.as_db_error().is_none() && describe(&e).starts_with("error communicating")
+            {
+                // Lost during Parse: the statement itself never ran.
+                Error::connection_lost(false, describe(&e))
+            } else {
+                self.failure(e, mark)
+            }
+        })?;
         let prepared = Prepared {
             columns: column_names(&statement),
             statement,

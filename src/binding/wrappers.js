@@ -1,0 +1,145 @@
+// The parts of the API that are plain JavaScript over native calls, installed on the
+// native classes once per environment: AbortSignal wiring, the variadic `command`, and
+// `transaction`. Evaluated by src/binding/pool.rs at module load; returns the installer.
+(function install(ConnectionPool, PooledConnection, Cancellation) {
+  const isOptions = (v) =>
+    v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof Uint8Array)
+
+  function abortError(signal) {
+    const err = new Error('The operation was aborted')
+    err.name = 'AbortError'
+    err.code = 'ABORT_ERR'
+    err.cause = signal.reason
+    return err
+  }
+
+  function typeError(message) {
+    const err = new TypeError(message)
+    err.code = 'INVALID_ARGUMENT'
+    return err
+  }
+
+  // A Cancellation tied to `signal` until `release()` is called.
+  function link(signal) {
+    const cancellation = new Cancellation()
+    const onAbort = () => cancellation.cancel()
+    signal.addEventListener('abort', onAbort, { once: true })
+    return { cancellation, release: () => signal.removeEventListener('abort', onAbort) }
+  }
+
+  // Calls native(...args, options, cancellation) with options.signal wired to the native
+  // cancellation; an AbortError carries the signal's reason as `cause`, as Node's do.
+  function bounded(self, native, args, options) {
+    const signal = options.signal
+    if (signal == null) return native.call(self, ...args, options)
+    if (signal.aborted) return Promise.reject(abortError(signal))
+    const { cancellation, release } = link(signal)
+    return native.call(self, ...args, options, cancellation).then(
+      (value) => {
+        release()
+        return value
+      },
+      (err) => {
+        release()
+        if (err && err.code === 'ABORT_ERR') err.cause = signal.reason
+        throw err
+      },
+    )
+  }
+
+  for (const cls of [ConnectionPool, PooledConnection]) {
+    const proto = cls.prototype
+    const { query, execute, command, pipeline } = proto
+    proto.query = function query_(sql, params, options) {
+      return options === undefined ? query.call(this, sql, params) : bounded(this, query, [sql, params], options)
+    }
+    proto.execute = function execute_(sql, params, options) {
+      return options === undefined ? execute.call(this, sql, params) : bounded(this, execute, [sql, params], options)
+    }
+    proto.pipeline = function pipeline_(commands, options) {
+      return options === undefined ? pipeline.call(this, commands) : bounded(this, pipeline, [commands], options)
+    }
+    // command(name, ...args[, options]); a single array argument is the argument list
+    // (never a valid Redis argument itself).
+    proto.command = function command_(name, ...args) {
+      const options = args.length > 0 && isOptions(args[args.length - 1]) ? args.pop() : undefined
+      const list = args.length === 1 && Array.isArray(args[0]) ? args[0] : args
+      return options === undefined ? command.call(this, name, list) : bounded(this, command, [name, list], options)
+    }
+  }
+
+  const acquire = ConnectionPool.prototype.acquire
+  ConnectionPool.prototype.acquire = function acquire_(options) {
+    return options === undefined ? acquire.call(this) : bounded(this, acquire, [], options)
+  }
+
+  // BEGIN … COMMIT on one lease, ROLLBACK on throw. `options` bound the whole transaction:
+  // the wait for a connection, every statement (a running one is cancelled on the server),
+  // and `fn` itself; past the bound it is rolled back and rejects.
+  ConnectionPool.prototype.transaction = async function transaction(fn, options) {
+    if (typeof fn !== 'function') throw typeError('transaction(fn) needs a function')
+    if (options !== undefined && !isOptions(options)) throw typeError('transaction options must be an object')
+    const backend = this.backend
+    const redis = backend === 'redis'
+    const timeoutMs = options && options.timeoutMs
+    const signal = options && options.signal
+    if (signal != null && signal.aborted) throw abortError(signal)
+    const started = Date.now()
+    const bound = () => (timeoutMs === undefined ? {} : { timeoutMs: Math.max(1, timeoutMs - (Date.now() - started)) })
+    const linked = signal != null ? link(signal) : undefined
+    const cancellation = linked && linked.cancellation
+    let tx
+    try {
+      tx = await acquire.call(this, bound(), cancellation).catch((err) => {
+        if (err && err.code === 'ABORT_ERR') err.cause = signal.reason
+        throw err
+      })
+    } catch (err) {
+      if (linked) linked.release()
+      throw err
+    }
+    if (timeoutMs !== undefined || cancellation) tx._bound(bound(), cancellation)
+    const run = (sql) => (redis ? tx.command(sql) : tx.query(sql))
+    // Rejects when the bound fires, even while `fn` is between statements.
+    let stop
+    const stopped = new Promise((_, reject) => {
+      const timer =
+        timeoutMs === undefined
+          ? undefined
+          : setTimeout(() => {
+              const err = new Error(`transaction timed out after timeoutMs (${timeoutMs} ms); it was rolled back`)
+              err.code = 'QUERY_TIMEOUT'
+              err.timeoutMs = timeoutMs
+              reject(err)
+            }, Math.max(0, timeoutMs - (Date.now() - started)))
+      const onAbort = () => reject(abortError(signal))
+      if (signal != null) signal.addEventListener('abort', onAbort, { once: true })
+      stop = () => {
+        if (timer) clearTimeout(timer)
+        if (signal != null) signal.removeEventListener('abort', onAbort)
+      }
+    })
+    stopped.catch(() => {})
+    try {
+      await Promise.race([run(redis ? 'MULTI' : backend === 'sqlite' ? 'BEGIN IMMEDIATE' : 'BEGIN'), stopped])
+      let result
+      try {
+        result = await Promise.race([fn(tx), stopped])
+      } catch (err) {
+        // Past the bound the lease refuses new statements; its release rolls back instead.
+        try {
+          await run(redis ? 'DISCARD' : 'ROLLBACK')
+        } catch (_) {}
+        if (err && err.code === 'ABORT_ERR' && signal != null) err.cause = signal.reason
+        throw err
+      }
+      // Not raced: a COMMIT reports what the server did (the lease's bound still applies).
+      const committed = await run(redis ? 'EXEC' : 'COMMIT')
+      return redis && result === undefined ? committed : result
+    } finally {
+      stop()
+      tx.release()
+      if (linked) linked.release()
+    }
+  }
+})
