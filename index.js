@@ -837,6 +837,7 @@ module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __n
 module.exports = nativeBinding
 module.exports.Cancellation = nativeBinding.Cancellation
 module.exports.ConnectionPool = nativeBinding.ConnectionPool
+module.exports.Listener = nativeBinding.Listener
 module.exports.Metrics = nativeBinding.Metrics
 module.exports.MetricsReporter = nativeBinding.MetricsReporter
 module.exports.Model = nativeBinding.Model

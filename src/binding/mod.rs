@@ -6,6 +6,7 @@ mod errors;
 mod metrics;
 mod models;
 mod pool;
+mod streams;
 mod values;
 
 pub(crate) use completion::{promise, settled, spawn};

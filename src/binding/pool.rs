@@ -194,6 +194,8 @@ pub struct PoolMetrics {
     pub destroyed: f64,
     /// Leases collected by the garbage collector without `release()`.
     pub leaked_leases: f64,
+    /// Exceptions thrown by `listen()` callbacks (reported, the others carried on).
+    pub listener_errors: f64,
     /// Acquires refused at once because `maxWaiting` callers were queued.
     pub rejected: f64,
     /// Time to check out a connection.
@@ -247,8 +249,8 @@ pub struct CloseOptions {
 /// `query`/`execute`/`command`: checkout, run and return happen without crossing into JS.
 #[napi]
 pub struct ConnectionPool {
-    pool: Pool,
-    int8: Int8Mode,
+    pub(super) pool: Pool,
+    pub(super) int8: Int8Mode,
     /// Set for a handle from `ConnectionPool.shared`.
     claim: Option<pool::SharedPool>,
 }
@@ -256,7 +258,7 @@ pub struct ConnectionPool {
 impl ConnectionPool {
     /// `POOL_CLOSED` once this handle is closed, even while other holders of a shared pool
     /// keep it open.
-    fn check_open(&self) -> CoreResult<()> {
+    pub(super) fn check_open(&self) -> CoreResult<()> {
         match &self.claim {
             Some(claim) if claim.is_released() => Err(self.pool.closed_error()),
             _ => Ok(()),
@@ -697,6 +699,7 @@ impl ConnectionPool {
             recycled: m.recycled as f64,
             destroyed: m.destroyed as f64,
             leaked_leases: m.leaked_leases as f64,
+            listener_errors: m.listener_errors as f64,
             rejected: m.rejected as f64,
             acquire: m.acquire.into(),
             usage: m.usage.into(),

@@ -68,6 +68,35 @@
     }
   }
 
+  // listen(channel, onNotify, { onListen, pattern }): each callback is guarded, so one that
+  // throws (or rejects) is counted on the listener and the others carry on.
+  const listen = ConnectionPool.prototype.listen
+  ConnectionPool.prototype.listen = async function listen_(channel, onNotify, options) {
+    if (typeof channel !== 'string') throw typeError('listen(channel, onNotify) needs a channel name string')
+    if (typeof onNotify !== 'function') throw typeError('listen(channel, onNotify) needs a function')
+    if (options !== undefined && !isOptions(options)) throw typeError('listen options must be an object')
+    const onListen = options && options.onListen
+    if (onListen != null && typeof onListen !== 'function') throw typeError('options.onListen must be a function')
+    let listener
+    let early = 0
+    const failed = () => (listener ? listener._reportError() : early++)
+    const guard = (fn, ...args) => {
+      try {
+        const out = fn(...args)
+        if (out && typeof out.then === 'function') out.then(undefined, failed)
+      } catch (_) {
+        failed()
+      }
+    }
+    const deliver = (kind, payload, name) => {
+      if (kind === 0) guard(onNotify, payload, name)
+      else if (onListen) guard(onListen)
+    }
+    listener = await listen.call(this, channel, deliver, { pattern: Boolean(options && options.pattern) })
+    for (; early > 0; early--) listener._reportError()
+    return listener
+  }
+
   const acquire = ConnectionPool.prototype.acquire
   ConnectionPool.prototype.acquire = function acquire_(options) {
     return options === undefined ? acquire.call(this) : bounded(this, acquire, [], options)

@@ -226,6 +226,12 @@ pub static FAMILIES: &[Family] = &[
         Source::PoolCounter(|p| p.leaked_leases.get()),
     ),
     family(
+        "qm_pool_listener_errors",
+        "Exceptions thrown by listen() callbacks (the other callbacks carried on).",
+        Counter,
+        Source::PoolCounter(|p| p.listener_errors.get()),
+    ),
+    family(
         "qm_pool_queries",
         "Queries and commands run.",
         Counter,

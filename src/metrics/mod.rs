@@ -98,6 +98,8 @@ pub struct PoolRecorder {
     pub recycled: Counter,
     pub destroyed: Counter,
     pub leaked_leases: Counter,
+    /// Exceptions thrown by `listen()` callbacks.
+    pub listener_errors: Counter,
     pub queries: Counter,
     pub acquire_latency: LatencyHistogram,
     pub usage_latency: LatencyHistogram,
@@ -123,6 +125,7 @@ impl PoolRecorder {
             recycled: Counter::default(),
             destroyed: Counter::default(),
             leaked_leases: Counter::default(),
+            listener_errors: Counter::default(),
             queries: Counter::default(),
             acquire_latency: LatencyHistogram::new(),
             usage_latency: LatencyHistogram::new(),

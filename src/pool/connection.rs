@@ -186,7 +186,7 @@ impl Connection {
         self.broken.load(Ordering::Relaxed)
             || match &self.backend {
                 Backend::Postgres(pg) => pg.is_closed(),
-                Backend::Redis(r) => r.tainted.load(Ordering::Relaxed),
+                Backend::Redis(r) => r.tainted.load(Ordering::Relaxed) || r.is_closed(),
                 // SQLite session state (PRAGMA, ATTACH, temp tables) has no reset: close it.
                 Backend::Sqlite(_) => self.session_dirty.load(Ordering::Relaxed),
             }

@@ -10,6 +10,8 @@ use crate::error::{Error, ErrorCode, Phase, Result};
 use crate::metrics::PoolRecorder;
 use crate::pool::config::{PoolConfig, Target};
 use crate::pool::connection::{Backend, Connection};
+use crate::pool::listen::Session;
+use crate::pool::postgres::listen::PgSession;
 use crate::pool::sqlite::SqliteTarget;
 use crate::pool::{postgres, redis, sqlite};
 
@@ -73,9 +75,14 @@ impl Connector {
             )
             .await
             .map(Backend::Sqlite),
-            Dial::Redis(client) => redis::connect(client, timeout, self.config.statement_timeout)
-                .await
-                .map(Backend::Redis),
+            Dial::Redis(client) => redis::connect(
+                client,
+                self.config.tls.as_ref(),
+                timeout,
+                self.config.statement_timeout,
+            )
+            .await
+            .map(Backend::Redis),
         };
         match backend {
             Ok(b) => Ok(Connection::new(
@@ -87,6 +94,39 @@ impl Connector {
                 self.recorder.errors_connect.inc();
                 Err(e)
             }
+        }
+    }
+
+    /// Opens the pool's listening connection (outside `maxSize`).
+    pub async fn open_session(&self, timeout: Duration) -> Result<Session> {
+        match &self.dial {
+            Dial::Postgres(pg) => PgSession::open(pg, timeout).await.map(Session::Postgres),
+            Dial::Redis(client) => {
+                let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+                    .await
+                    .map_err(|_| {
+                        Error::new(
+                            ErrorCode::ConnectFailed,
+                            format!(
+                                "Redis did not answer within connectTimeoutMs ({} ms)",
+                                timeout.as_millis()
+                            ),
+                        )
+                        .with_phase(Phase::Connect)
+                    })?
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorCode::ConnectFailed,
+                            format!("could not connect to Redis: {e}"),
+                        )
+                        .with_phase(Phase::Connect)
+                    })?;
+                let (sink, stream) = pubsub.split();
+                Ok(Session::Redis { sink, stream })
+            }
+            Dial::Sqlite(_) => Err(Error::invalid_argument(
+                "listen/notify need PostgreSQL or Redis; SQLite has no notifications",
+            )),
         }
     }
 
@@ -102,7 +142,13 @@ impl Connector {
 
     /// Pings a connection idle past the grace period, within `remaining`.
     pub async fn validate(&self, conn: &Connection, remaining: Duration) -> Result<()> {
-        if conn.last_returned.elapsed() < VALIDATION_GRACE {
+        if conn.is_unusable() {
+            return Err(Error::new(
+                ErrorCode::ConnectionLost,
+                "the idle connection was found closed",
+            ));
+        }
+        if conn.last_checked.elapsed() < VALIDATION_GRACE {
             return Ok(());
         }
         let bound = remaining.min(self.config.connect_timeout);

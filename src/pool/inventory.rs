@@ -139,6 +139,10 @@ impl Inventory {
         })
     }
 
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
     fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }

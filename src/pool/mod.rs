@@ -9,8 +9,10 @@ pub mod dispatch;
 pub mod health;
 pub mod inventory;
 pub mod lease;
+pub mod listen;
 pub mod postgres;
 pub mod redis;
+pub mod socket;
 pub mod sqlite;
 pub mod tls;
 pub mod value;
@@ -73,6 +75,8 @@ pub(crate) struct PoolShared {
     pub(crate) runtime: Handle,
     /// Statements queued by `submit`, served in batches by dispatcher tasks.
     queue: Mutex<dispatch::Queue>,
+    /// The listening connection (LISTEN / SUBSCRIBE), started by the first `listen`.
+    hub: std::sync::OnceLock<Arc<listen::Hub>>,
     /// Keeps a `sqlite::memory:` database alive while the pool lives.
     _memory_anchor: Mutex<Option<sqlite::MemoryDatabase>>,
 }
@@ -132,6 +136,7 @@ impl Pool {
             peak_in_use: AtomicUsize::new(0),
             runtime: runtime.clone(),
             queue: Mutex::new(dispatch::Queue::default()),
+            hub: std::sync::OnceLock::new(),
             _memory_anchor: Mutex::new(anchor),
         });
         let weak = Arc::downgrade(&shared);
@@ -414,8 +419,40 @@ impl Pool {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.shared.inventory.close();
+        if let Some(hub) = self.shared.hub.get() {
+            hub.close();
+        }
         self.shared._memory_anchor.lock().take();
         Ok(())
+    }
+}
+
+impl Pool {
+    /// Subscribes `sink` to `topic` on the pool's listening connection. Resolves once the
+    /// subscription is in effect; `sink` then gets `Listening` after every (re)connect and
+    /// each message, in order, until [`unlisten`](Self::unlisten).
+    pub async fn listen(&self, topic: listen::Topic, sink: listen::Sink) -> Result<u64> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        listen::check_topic(&topic, self.config().target.backend())?;
+        let shared = &self.shared;
+        let hub = shared
+            .hub
+            .get_or_init(|| listen::Hub::new(Arc::downgrade(shared)));
+        let deadline = Instant::now() + shared.config.acquire_timeout;
+        let (id, ready) = hub.subscribe(topic, sink, deadline);
+        match ready.await {
+            Ok(Ok(())) => Ok(id),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.closed_error()),
+        }
+    }
+
+    pub fn unlisten(&self, id: u64) {
+        if let Some(hub) = self.shared.hub.get() {
+            hub.unsubscribe(id);
+        }
     }
 }
 

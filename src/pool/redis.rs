@@ -1,25 +1,33 @@
 //! Redis connections on redis-rs (tokio). A pooled connection is used by one caller at a time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, TlsCertificates, Value as RedisValue};
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, TlsCertificates, Value as RedisValue};
+use rustls::pki_types::ServerName;
 
 use crate::error::{Error, ErrorCode, Phase, Result};
+use crate::pool::socket::{self, Stream, Watch, Watched};
 use crate::pool::tls::{TlsMode, TlsOptions};
 use crate::pool::value::Value;
 
 pub struct RedisConnection {
     conn: MultiplexedConnection,
+    /// The socket under it: whether a command was written, whether Redis has gone.
+    watch: Arc<Watch>,
     /// Inside MULTI or WATCH: must be DISCARDed / UNWATCHed before reuse.
     pub in_transaction: AtomicBool,
     /// Session state a next user must not inherit (SELECT, SUBSCRIBE, CLIENT …): close on return.
     pub tainted: AtomicBool,
 }
 
+/// Opens one connection over our own socket (TLS with the pool's settings for rediss://),
+/// so the pool can tell a command that never went out from one that may have run.
 pub async fn connect(
     client: &Client,
+    tls: Option<&TlsOptions>,
     timeout: Duration,
     statement_timeout: Duration,
 ) -> Result<RedisConnection> {
@@ -30,16 +38,57 @@ pub async fn connect(
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(response_timeout);
-    let attempt = client.get_multiplexed_async_connection_with_config(&config);
-    let conn = match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            return Err(Error::new(
-                ErrorCode::ConnectFailed,
-                format!("could not connect to Redis: {e}"),
-            )
-            .with_phase(Phase::Connect))
-        }
+    let info = client.get_connection_info();
+    let failed = |e: &dyn std::fmt::Display| {
+        Error::new(
+            ErrorCode::ConnectFailed,
+            format!("could not connect to Redis: {e}"),
+        )
+        .with_phase(Phase::Connect)
+    };
+    let attempt = async {
+        let stream = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => Stream::Tcp(
+                socket::tcp_host(host, *port)
+                    .await
+                    .map_err(|e| failed(&e))?,
+            ),
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let tcp = socket::tcp_host(host, *port)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                let options = tls.cloned().unwrap_or(TlsOptions {
+                    mode: TlsMode::VerifyFull,
+                    ca_pem: None,
+                });
+                let connector =
+                    tokio_rustls::TlsConnector::from(Arc::new(options.client_config()?));
+                let name = ServerName::try_from(host.clone()).map_err(|_| {
+                    failed(&format!("{host:?} is not a valid TLS server name")).permanent()
+                })?;
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| failed(&format!("TLS handshake failed: {e}")).permanent())?;
+                Stream::Tls(Box::new(tls))
+            }
+            ConnectionAddr::Unix(path) => {
+                Stream::Unix(socket::unix(path).await.map_err(|e| failed(&e))?)
+            }
+            other => {
+                return Err(failed(&format!("unsupported Redis address {other:?}")).permanent())
+            }
+        };
+        let (watched, watch) = Watched::new(stream);
+        let (conn, driver) =
+            MultiplexedConnection::new_with_config(info.redis_settings(), watched, config)
+                .await
+                .map_err(|e| failed(&e))?;
+        tokio::spawn(driver);
+        Ok::<_, Error>((conn, watch))
+    };
+    let (conn, watch) = match tokio::time::timeout(timeout, attempt).await {
+        Ok(outcome) => outcome?,
         Err(_) => {
             return Err(Error::new(
                 ErrorCode::ConnectFailed,
@@ -48,11 +97,13 @@ pub async fn connect(
                     timeout.as_millis()
                 ),
             )
-            .with_phase(Phase::Connect))
+            .with_phase(Phase::Connect)
+            .timed_out())
         }
     };
     Ok(RedisConnection {
         conn,
+        watch,
         in_transaction: AtomicBool::new(false),
         tainted: AtomicBool::new(false),
     })
@@ -103,7 +154,9 @@ pub fn is_permanent(err: &Error) -> bool {
     m.contains("auth") || m.contains("password") || m.contains("tls") || m.contains("certificate")
 }
 
-fn command_error(e: redis::RedisError) -> Error {
+/// Maps a redis-rs failure. `sent` says whether any byte went out after the command was
+/// queued (a lost connection with nothing written never ran the command).
+fn command_error(e: redis::RedisError, sent: bool) -> Error {
     if e.is_timeout() {
         // statementTimeoutMs: the answer may still come; the connection is not reused.
         let mut err = Error::new(
@@ -118,8 +171,7 @@ fn command_error(e: redis::RedisError) -> Error {
         return Error::new(ErrorCode::QueryFailed, e.to_string()).with_sqlstate(code);
     }
     if e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error() {
-        // The command was handed to the connection; whether Redis ran it is unknown.
-        return Error::connection_lost(true, e.to_string());
+        return Error::connection_lost(sent, e.to_string());
     }
     Error::new(ErrorCode::QueryFailed, e.to_string())
 }
@@ -227,12 +279,13 @@ impl RedisConnection {
         self.track(name);
         // The raw reply: an EXEC whose array holds one command's error must not turn into
         // one error for all (the others were applied).
+        let mark = self.watch.written();
         let out = self
             .conn
             .clone()
             .req_packed_command(&cmd)
             .await
-            .map_err(command_error)?;
+            .map_err(|e| self.failure(e, mark))?;
         reply(out)
     }
 
@@ -246,19 +299,30 @@ impl RedisConnection {
         for (name, _) in commands {
             self.track(name);
         }
+        let mark = self.watch.written();
         let out: Vec<RedisValue> = pipe
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(command_error)?;
+            .map_err(|e| self.failure(e, mark))?;
         out.into_iter().map(element).collect()
     }
 
     pub async fn ping(&self) -> Result<()> {
+        let mark = self.watch.written();
         let _: RedisValue = redis::cmd("PING")
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(command_error)?;
+            .map_err(|e| self.failure(e, mark))?;
         Ok(())
+    }
+
+    fn failure(&self, e: redis::RedisError, mark: u64) -> Error {
+        command_error(e, self.watch.written() != mark)
+    }
+
+    /// Redis closed the connection (or it failed): it must not be handed out.
+    pub fn is_closed(&self) -> bool {
+        self.watch.is_closed()
     }
 
     /// Leaves MULTI/WATCH so the next user starts clean.
@@ -267,10 +331,11 @@ impl RedisConnection {
         // DISCARD fails harmlessly when no MULTI is open; UNWATCH always succeeds on a live connection.
         let _: std::result::Result<RedisValue, _> =
             redis::cmd("DISCARD").query_async(&mut conn).await;
+        let mark = self.watch.written();
         let _: RedisValue = redis::cmd("UNWATCH")
             .query_async(&mut conn)
             .await
-            .map_err(command_error)?;
+            .map_err(|e| self.failure(e, mark))?;
         self.in_transaction.store(false, Ordering::Relaxed);
         Ok(())
     }

@@ -6,22 +6,21 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
 use rustls::pki_types::ServerName;
-use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::config::Host;
-use tokio_postgres::{NoTls, SimpleQueryMessage};
+use tokio_postgres::{NoTls, Notification, SimpleQueryMessage};
 
 use super::wire::Wire;
 use super::{describe, PgConnection};
 use crate::error::{Error, ErrorCode, Phase, Result};
+use crate::pool::socket::{tcp, Stream};
 use crate::pool::tls::{TlsMode, TlsOptions};
 
 /// libpq's `target_session_attrs`: which kind of server a connection must reach.
@@ -194,6 +193,16 @@ impl Connector {
     /// Opens one connection: each host in turn, each bounded by `per_host`. For
     /// `prefer-standby`, standbys are tried first, then any host.
     pub async fn connect(self: &Arc<Self>, per_host: Duration) -> Result<PgConnection> {
+        self.connect_with(per_host, None).await
+    }
+
+    /// [`connect`](Self::connect), with the server's notifications (LISTEN) forwarded to
+    /// `notifications`; the sender is dropped when the connection ends.
+    pub async fn connect_with(
+        self: &Arc<Self>,
+        per_host: Duration,
+        notifications: Option<UnboundedSender<Notification>>,
+    ) -> Result<PgConnection> {
         let mut order: Vec<&HostSpec> = self.hosts.iter().collect();
         if self.load_balance {
             order.shuffle(&mut rand::rng());
@@ -205,7 +214,10 @@ impl Connector {
         let mut last = None;
         for &wanted in passes {
             for host in &order {
-                match self.connect_host(host, wanted, per_host).await {
+                match self
+                    .connect_host(host, wanted, per_host, notifications.clone())
+                    .await
+                {
                     Ok(conn) => return Ok(conn),
                     Err(e) => last = Some(e),
                 }
@@ -219,6 +231,7 @@ impl Connector {
         host: &HostSpec,
         wanted: SessionTarget,
         per_host: Duration,
+        notifications: Option<UnboundedSender<Notification>>,
     ) -> Result<PgConnection> {
         let attempt = async {
             let (stream, endpoint) = self.open_stream(host).await?;
@@ -228,7 +241,7 @@ impl Connector {
                 .connect_raw(wire, NoTls)
                 .await
                 .map_err(|e| startup_error(&e, &host.label))?;
-            let driver = tokio::spawn(super::drive(connection)).abort_handle();
+            let driver = tokio::spawn(super::drive(connection, notifications)).abort_handle();
             let conn = PgConnection::new(
                 client,
                 driver,
@@ -256,18 +269,18 @@ impl Connector {
         }
     }
 
-    async fn open_stream(&self, host: &HostSpec) -> Result<(PgStream, Endpoint)> {
+    async fn open_stream(&self, host: &HostSpec) -> Result<(Stream, Endpoint)> {
         let (stream, address) = match &host.address {
             Address::Unix(dir) => {
                 let path = dir.clone();
                 let s = UnixStream::connect(&path)
                     .await
                     .map_err(|e| io_failed(&host.label, e))?;
-                (PgStream::Unix(s), ResolvedAddress::Unix(path))
+                (Stream::Unix(s), ResolvedAddress::Unix(path))
             }
             Address::Ip(addr) => {
                 let s = tcp(*addr).await.map_err(|e| io_failed(&host.label, e))?;
-                (PgStream::Tcp(s), ResolvedAddress::Tcp(*addr))
+                (Stream::Tcp(s), ResolvedAddress::Tcp(*addr))
             }
             Address::Tcp { host: name, port } => {
                 let addrs = tokio::net::lookup_host((name.as_str(), *port))
@@ -285,7 +298,7 @@ impl Connector {
                     }
                 }
                 let (s, addr) = found.ok_or_else(|| io_failed(&host.label, last))?;
-                (PgStream::Tcp(s), ResolvedAddress::Tcp(addr))
+                (Stream::Tcp(s), ResolvedAddress::Tcp(addr))
             }
         };
         let endpoint = Endpoint {
@@ -299,11 +312,11 @@ impl Connector {
 
     /// Sends SSLRequest and upgrades to TLS when the pool uses it (`prefer` falls back to
     /// plain text when the server declines).
-    async fn negotiate_tls(&self, stream: PgStream, endpoint: &Endpoint) -> Result<PgStream> {
+    async fn negotiate_tls(&self, stream: Stream, endpoint: &Endpoint) -> Result<Stream> {
         let Some((mode, connector)) = &self.tls else {
             return Ok(stream);
         };
-        let PgStream::Tcp(mut tcp) = stream else {
+        let Stream::Tcp(mut tcp) = stream else {
             return Ok(stream); // PostgreSQL has no TLS over Unix sockets
         };
         let label = &endpoint.label;
@@ -313,7 +326,7 @@ impl Connector {
         let answer = tcp.read_u8().await.map_err(|e| io_failed(label, e))?;
         match answer {
             b'S' => {}
-            b'N' if *mode == TlsMode::Prefer => return Ok(PgStream::Tcp(tcp)),
+            b'N' if *mode == TlsMode::Prefer => return Ok(Stream::Tcp(tcp)),
             b'N' => {
                 return Err(connect_failed(format!(
                     "PostgreSQL at {label} does not accept TLS connections (tls.mode is {mode:?})"
@@ -339,7 +352,7 @@ impl Connector {
             ))
             .permanent()
         })?;
-        Ok(PgStream::Tls(Box::new(tls)))
+        Ok(Stream::Tls(Box::new(tls)))
     }
 
     /// Asks the server to cancel what `token`'s session is running, over a new connection
@@ -352,9 +365,9 @@ impl Connector {
         let label = &endpoint.label;
         let stream = match &endpoint.address {
             ResolvedAddress::Tcp(addr) => {
-                PgStream::Tcp(tcp(*addr).await.map_err(|e| io_failed(label, e))?)
+                Stream::Tcp(tcp(*addr).await.map_err(|e| io_failed(label, e))?)
             }
-            ResolvedAddress::Unix(path) => PgStream::Unix(
+            ResolvedAddress::Unix(path) => Stream::Unix(
                 UnixStream::connect(path)
                     .await
                     .map_err(|e| io_failed(label, e))?,
@@ -373,18 +386,6 @@ impl Connector {
 fn unreachable_unix() -> ServerName<'static> {
     // `negotiate_tls` returns before this for Unix sockets.
     ServerName::IpAddress(IpAddr::from([127, 0, 0, 1]).into())
-}
-
-async fn tcp(addr: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    // Dead peers (a dropped NAT flow, a vanished host) surface within about a minute even
-    // when nothing is being sent.
-    let keepalive = TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10));
-    let _ = SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-    Ok(stream)
 }
 
 /// Expands the URL's hosts, host addresses and ports as libpq does.
@@ -520,57 +521,6 @@ fn startup_error(e: &tokio_postgres::Error, label: &str) -> Error {
         }
     }
     err
-}
-
-/// A connection's byte stream: TCP, a Unix socket, or TLS over TCP.
-pub(crate) enum PgStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for PgStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PgStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            PgStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for PgStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            PgStream::Tcp(s) => Pin::new(s).poll_write(cx, data),
-            PgStream::Unix(s) => Pin::new(s).poll_write(cx, data),
-            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PgStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            PgStream::Unix(s) => Pin::new(s).poll_flush(cx),
-            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            PgStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            PgStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
 }
 
 #[cfg(test)]

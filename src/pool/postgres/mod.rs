@@ -4,6 +4,7 @@
 //! statement (it ran, it failed on the server, or the connection was lost — sent or not).
 
 pub mod connect;
+pub mod listen;
 pub mod values;
 pub mod wire;
 
@@ -17,8 +18,9 @@ use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{Client, Row, RowStream, Statement};
 
 use crate::error::{Error, ErrorCode, Result};
+use crate::pool::socket::Stream;
 use crate::pool::value::{ExecuteResult, QueryResult, Value};
-use connect::{Connector, Endpoint, PgStream, SessionTarget};
+use connect::{Connector, Endpoint, SessionTarget};
 use values::{inferred_type, Cell};
 use wire::{TxStatus, Wire, WireState};
 
@@ -56,9 +58,24 @@ pub struct PgConnection {
     connector: Arc<Connector>,
 }
 
-/// Runs a connection's protocol until it closes.
-pub(crate) async fn drive(connection: tokio_postgres::Connection<Wire<PgStream>, NoTlsStream>) {
-    let _ = connection.await;
+/// Runs a connection's protocol until it closes, forwarding the server's notifications
+/// (LISTEN) in order when asked to.
+pub(crate) async fn drive(
+    mut connection: tokio_postgres::Connection<Wire<Stream>, NoTlsStream>,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+) {
+    let Some(tx) = notifications else {
+        let _ = connection.await;
+        return;
+    };
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
+        if let tokio_postgres::AsyncMessage::Notification(n) = message {
+            if tx.send(n).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// The server's message (with detail and hint) or the client-side cause.

@@ -1,0 +1,179 @@
+//! What outlives one call: `Listener` (LISTEN/NOTIFY, SUBSCRIBE/PUBLISH). Thin classes over
+//! the pool's core; the JavaScript around them is in wrappers.js.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use napi::bindgen_prelude::{FnArgs, Function, PromiseRaw};
+use napi::threadsafe_function::ThreadsafeFunctionCallMode;
+use napi::Env;
+use napi_derive::napi;
+
+use super::pool::ConnectionPool;
+use super::{settled, spawn};
+use crate::error::Error;
+use crate::pool::listen::{Event, Sink, Topic};
+use crate::pool::{Pool, Statement, Value};
+
+/// Options for `listen()`.
+#[napi(object)]
+pub struct ListenOptions {
+    /// Called after the first LISTEN and again after every reconnect: resync what may have
+    /// been missed while the connection was down.
+    #[napi(ts_type = "() => void")]
+    pub on_listen: Option<napi::bindgen_prelude::Unknown<'static>>,
+    /// Redis: `channel` is a pattern (PSUBSCRIBE).
+    pub pattern: Option<bool>,
+}
+
+/// One subscription on the pool's listening connection.
+#[napi]
+pub struct Listener {
+    pool: Pool,
+    id: u64,
+    channel: String,
+    closed: AtomicBool,
+    errors: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The native callback the wrapper passes: (kind, payload, channel); kind 0 is a message,
+/// 1 is "listening (again)".
+type Delivery<'e> = Function<'e, FnArgs<(u32, String, String)>, ()>;
+
+#[napi]
+impl ConnectionPool {
+    /// Listens on `channel` (PostgreSQL LISTEN; Redis SUBSCRIBE, or PSUBSCRIBE with
+    /// `pattern`) over one dedicated connection per pool, outside `maxSize`. `onNotify`
+    /// gets each payload in order. After any loss the connection is reopened with backoff,
+    /// every channel listened to again, and `onListen` called so the app can resync. A
+    /// callback that throws is counted (`errors`, `listenerErrors`) and the others carry
+    /// on. Resolves once listening; a listener keeps the process alive until `unlisten()`.
+    #[napi(
+        ts_args_type = "channel: string, onNotify: (payload: string, channel: string) => void, options?: ListenOptions",
+        ts_return_type = "Promise<Listener>"
+    )]
+    pub fn listen<'e>(
+        &self,
+        env: &'e Env,
+        channel: String,
+        deliver: Delivery<'e>,
+        options: Option<ListenOptions>,
+    ) -> napi::Result<PromiseRaw<'e, Listener>> {
+        if let Err(e) = self.check_open() {
+            return settled(env, Err(e));
+        }
+        let tsfn = deliver
+            .build_threadsafe_function::<FnArgs<(u32, String, String)>>()
+            .callee_handled::<false>()
+            .build()?;
+        let sink: Sink = Arc::new(move |event| {
+            let args = match event {
+                Event::Message { channel, payload } => (0, payload, channel),
+                Event::Listening => (1, String::new(), String::new()),
+            };
+            tsfn.call(args.into(), ThreadsafeFunctionCallMode::NonBlocking);
+        });
+        let topic = Topic {
+            name: channel.clone(),
+            pattern: options.and_then(|o| o.pattern).unwrap_or(false),
+        };
+        let pool = self.pool.clone();
+        spawn(
+            env,
+            async move {
+                let id = pool.listen(topic, sink).await?;
+                Ok((pool, id))
+            },
+            move |_, (pool, id)| {
+                Ok(Listener {
+                    pool,
+                    id,
+                    channel,
+                    closed: AtomicBool::new(false),
+                    errors: Arc::default(),
+                })
+            },
+        )
+    }
+
+    /// Sends `payload` on `channel`: PostgreSQL `pg_notify` (delivered at commit; on a
+    /// lease inside a transaction, at its COMMIT), Redis PUBLISH.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn notify<'e>(
+        &self,
+        env: &'e Env,
+        channel: String,
+        payload: String,
+    ) -> napi::Result<PromiseRaw<'e, ()>> {
+        if let Err(e) = self.check_open() {
+            return settled(env, Err(e));
+        }
+        let statement = match self.pool.config().target.backend() {
+            "redis" => Statement::Command(
+                "PUBLISH".into(),
+                vec![Value::Text(channel), Value::Text(payload)],
+            ),
+            "postgres" => Statement::Query(
+                "select pg_notify($1, $2)".into(),
+                vec![Value::Text(channel), Value::Text(payload)],
+            ),
+            _ => {
+                return settled(
+                    env,
+                    Err(Error::invalid_argument(
+                        "listen/notify need PostgreSQL or Redis; SQLite has no notifications",
+                    )),
+                )
+            }
+        };
+        let pool = self.pool.clone();
+        spawn(
+            env,
+            async move { pool.run(&statement.borrow()).await.map(|_| ()) },
+            |_, ()| Ok(()),
+        )
+    }
+}
+
+#[napi]
+impl Listener {
+    #[napi(getter)]
+    pub fn channel(&self) -> String {
+        self.channel.clone()
+    }
+
+    /// Exceptions thrown by this listener's callbacks so far.
+    #[napi(getter)]
+    pub fn errors(&self) -> f64 {
+        self.errors.load(Ordering::Relaxed) as f64
+    }
+
+    /// Internal (wrappers.js): a callback threw.
+    #[napi(js_name = "_reportError", skip_typescript)]
+    pub fn report_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.pool.recorder().listener_errors.inc();
+    }
+
+    /// Stops listening (UNLISTEN when it was the channel's last listener). Idempotent.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn unlisten<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, ()>> {
+        self.stop();
+        settled(env, Ok(()))
+    }
+
+    /// `await using l = await pool.listen(…)` unlistens here.
+    #[napi(well_known_symbol = "asyncDispose", ts_return_type = "Promise<void>")]
+    pub fn async_dispose<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, ()>> {
+        self.stop();
+        settled(env, Ok(()))
+    }
+}
+
+impl Listener {
+    fn stop(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.pool.unlisten(self.id);
+        }
+    }
+}
