@@ -37,6 +37,13 @@ pub struct ModelCacheOptions {
     pub device: Option<String>,
     /// Per-model bound on idle inference workspaces kept for reuse. Default 64 MiB.
     pub tensor_cache_bytes: Option<f64>,
+    /// Threads one CPU forward pass may use: a large batch is split across them (a small one
+    /// runs on one). Default 0: every core (rayon's pool, `RAYON_NUM_THREADS` to change it).
+    pub threads: Option<f64>,
+    /// `predict` runs a CPU model on the calling (main) thread and returns a settled promise
+    /// when the model's forward pass at that batch size is estimated (moving average of its
+    /// measured runs) under this many microseconds. Default 20; 0 always uses the compute pool.
+    pub inline_micros: Option<f64>,
     /// Label in metrics. Default `models`.
     pub name: Option<String>,
 }
@@ -222,6 +229,8 @@ fn config(options: Option<ModelCacheOptions>) -> CoreResult<CacheConfig> {
         cleanup_interval_ms: None,
         device: None,
         tensor_cache_bytes: None,
+        threads: None,
+        inline_micros: None,
         name: None,
     });
     let defaults = CacheConfig::default();
@@ -264,6 +273,14 @@ fn config(options: Option<ModelCacheOptions>) -> CoreResult<CacheConfig> {
         )?
         .try_into()
         .map_err(|_| Error::invalid_argument("tensorCacheBytes is too large"))?,
+        threads: bytes_option("threads", o.threads, 0)?
+            .try_into()
+            .map_err(|_| Error::invalid_argument("threads is too large"))?,
+        inline_below: Duration::from_micros(bytes_option(
+            "inlineMicros",
+            o.inline_micros,
+            defaults.inline_below.as_micros() as u64,
+        )?),
     })
 }
 
@@ -555,9 +572,11 @@ impl Model {
         self.handle.as_ref().is_some_and(ModelHandle::is_resident)
     }
 
-    /// Runs the model on a background thread. Input: `Float32Array` of `batch × sequenceLength ×
-    /// inputSize` floats; output: `batch × outputSize`. Rejects with `INVALID_ARGUMENT` (input
-    /// length, saying expected vs got) or `MODEL_EVICTED`.
+    /// Runs the model on the compute pool, or — a CPU model whose forward pass at this batch
+    /// size is estimated under the cache's `inlineMicros` — on the calling thread, returning a
+    /// settled promise. Input: `Float32Array` of `batch × sequenceLength × inputSize` floats;
+    /// output: `batch × outputSize`. Rejects with `INVALID_ARGUMENT` (input length, saying
+    /// expected vs got) or `MODEL_EVICTED`.
     #[napi(
         catch_unwind,
         ts_args_type = "input: Float32Array, options?: PredictOptions | undefined | null",
@@ -569,15 +588,23 @@ impl Model {
         input: Unknown,
         options: Option<PredictOptions>,
     ) -> napi::Result<PromiseRaw<'env, PredictOutput>> {
-        // The input is copied into the model's workspace here, on the main thread; the job
-        // owns everything it touches (nothing borrowed from a JS object) and runs on rayon's
-        // pool, whose idle threads spin briefly before sleeping, so back-to-back calls skip
-        // the wake-up a libuv work item pays. The result settles through the batched
-        // completion queue.
-        let prepared = match self.start(&input, options) {
+        // The input is copied into the model's workspace here, on the main thread. A tiny
+        // forward pass runs right here too: a hand-off to another thread and back costs more
+        // than the work. Otherwise the job owns everything it touches (nothing borrowed from a
+        // JS object) and runs on rayon's pool, whose idle threads spin briefly before
+        // sleeping, so back-to-back calls skip the wake-up a libuv work item pays; the result
+        // settles through the batched completion queue.
+        let mut prepared = match self.start(&input, options) {
             Ok(p) => p,
             Err(e) => return settled(env, Err(e)),
         };
+        if prepared.fits_calling_thread() {
+            let ran = prepared.run().map(|()| PredictOutput(prepared));
+            if let Some(h) = &self.handle {
+                self.external.sync(env, h.cache_memory_usage());
+            }
+            return settled(env, ran);
+        }
         let external = Arc::clone(&self.external);
         let handle = self.handle.clone();
         let (complete, promise) = promise(env, move |env, p: core::Prediction| {

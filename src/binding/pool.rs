@@ -107,7 +107,7 @@ impl Default for Cancellation {
 }
 
 /// Reads `timeoutMs` from the options and the wrapper's cancellation into core bounds.
-fn bounds(
+pub(super) fn bounds(
     env: &Env,
     options: Option<Unknown<'_>>,
     cancel: Option<&Cancellation>,
@@ -298,7 +298,7 @@ fn unreachable_value<V>() -> napi::Result<V> {
     ))
 }
 
-fn rows(result: pool::QueryResult, int8: Int8Mode) -> QueryResult {
+pub(super) fn rows(result: pool::QueryResult, int8: Int8Mode) -> QueryResult {
     QueryResult {
         row_count: result.row_count as f64,
         fields: result.columns.to_vec(),
@@ -911,6 +911,21 @@ impl PooledConnection {
         let bounds = bounds(&env, options, cancel).map_err(|e| js_error(&env, e))?;
         self.lease.bound(bounds);
         Ok(())
+    }
+
+    /// PostgreSQL: streams the rows of `sql` in batches through a cursor (DECLARE … FETCH)
+    /// on this lease, inside its open transaction (or one of its own). `break`, a throw,
+    /// `timeoutMs` or `signal` close the cursor. For SQLite use `pool.cursor`.
+    #[napi(
+        ts_args_type = "sql: string, params?: unknown[], options?: CursorOptions",
+        ts_return_type = "AsyncIterable<Array<Record<string, any>>>"
+    )]
+    pub fn cursor(&self, env: Env) -> napi::Result<()> {
+        // Replaced at module load by the JavaScript in wrappers.js.
+        Err(js_error(
+            &env,
+            Error::internal("cursor() was not installed by the module loader"),
+        ))
     }
 
     /// True once released; further calls fail with `POOL_CLOSED`.

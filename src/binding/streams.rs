@@ -1,19 +1,82 @@
-//! What outlives one call: `Listener` (LISTEN/NOTIFY, SUBSCRIBE/PUBLISH). Thin classes over
-//! the pool's core; the JavaScript around them is in wrappers.js.
+//! What outlives one call: `Listener` (LISTEN/NOTIFY, SUBSCRIBE/PUBLISH) and the SQLite row
+//! cursor. Thin classes over the pool's core; the JavaScript around them (async iterators,
+//! guarded callbacks) is in wrappers.js.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use napi::bindgen_prelude::{FnArgs, Function, PromiseRaw};
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
-use napi::Env;
+use napi::{Env, JsValue};
 use napi_derive::napi;
 
-use super::pool::ConnectionPool;
-use super::{settled, spawn};
+use napi::bindgen_prelude::Unknown;
+
+use super::pool::{bounds, rows, Cancellation, ConnectionPool, QueryResult};
+use super::values;
+use super::{js_error, settled, spawn};
 use crate::error::Error;
+use crate::pool::config::Int8Mode;
+use crate::pool::cursor::SqliteCursor;
 use crate::pool::listen::{Event, Sink, Topic};
 use crate::pool::{Pool, Statement, Value};
+
+/// Options for `cursor()`.
+#[napi(object, object_to_js = false)]
+#[allow(dead_code)] // declares the TypeScript interface; wrappers.js reads the fields
+pub struct CursorOptions {
+    /// Rows per batch (default 1000). Memory stays bounded by it, not by the result.
+    pub batch_size: Option<f64>,
+    /// Bound on the whole iteration; past it the cursor is closed with `QUERY_TIMEOUT`.
+    pub timeout_ms: Option<f64>,
+    /// Closes the cursor with an `AbortError`.
+    #[napi(ts_type = "AbortSignal")]
+    pub signal: Option<Unknown<'static>>,
+}
+
+/// Internal: the native side of a SQLite `cursor()` (wrappers.js turns it into an async
+/// iterator). It holds a connection of its own until it ends or is closed.
+#[napi]
+pub struct RowCursor {
+    cursor: Arc<tokio::sync::Mutex<SqliteCursor>>,
+    int8: Int8Mode,
+}
+
+#[napi]
+impl RowCursor {
+    /// The next batch, or `null` at the end (the connection is then released).
+    #[napi(ts_return_type = "Promise<QueryResult | null>")]
+    pub fn next<'e>(
+        &self,
+        env: &'e Env,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
+    ) -> napi::Result<PromiseRaw<'e, Option<QueryResult>>> {
+        let bounds = match bounds(env, options, cancel) {
+            Ok(b) => b,
+            Err(e) => return settled(env, Err(e)),
+        };
+        let cursor = Arc::clone(&self.cursor);
+        let int8 = self.int8;
+        spawn(
+            env,
+            async move { cursor.lock().await.next(&bounds).await },
+            move |_, batch| Ok(batch.map(|b| rows(b, int8))),
+        )
+    }
+
+    /// Stops the statement and releases the connection. Idempotent.
+    #[napi]
+    pub fn close(&self) {
+        match self.cursor.try_lock() {
+            Ok(mut c) => c.close(),
+            Err(_) => {
+                let cursor = Arc::clone(&self.cursor);
+                super::runtime().spawn(async move { cursor.lock().await.close() });
+            }
+        }
+    }
+}
 
 /// Options for `listen()`.
 #[napi(object)]
@@ -132,6 +195,61 @@ impl ConnectionPool {
             async move { pool.run(&statement.borrow()).await.map(|_| ()) },
             |_, ()| Ok(()),
         )
+    }
+}
+
+#[napi]
+impl ConnectionPool {
+    /// Internal (wrappers.js): opens a SQLite row cursor.
+    #[napi(js_name = "_sqliteCursor", skip_typescript)]
+    pub fn sqlite_cursor<'e>(
+        &self,
+        env: &'e Env,
+        sql: String,
+        params: Option<Unknown<'e>>,
+        batch_size: f64,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
+    ) -> napi::Result<PromiseRaw<'e, RowCursor>> {
+        let opened = self.check_open().and_then(|()| {
+            let params = values::params_from_js(env, params.as_ref().map(|p| p.raw()))?;
+            let bounds = bounds(env, options, cancel)?;
+            Ok((params, bounds))
+        });
+        let (params, bounds) = match opened {
+            Ok(v) => v,
+            Err(e) => return settled(env, Err(e)),
+        };
+        let pool = self.pool.clone();
+        let int8 = self.int8;
+        let batch = batch_size.clamp(1.0, 1_000_000.0) as usize;
+        spawn(
+            env,
+            async move { SqliteCursor::open(&pool, &sql, &params, batch, &bounds).await },
+            move |_, cursor| {
+                Ok(RowCursor {
+                    cursor: Arc::new(tokio::sync::Mutex::new(cursor)),
+                    int8,
+                })
+            },
+        )
+    }
+
+    /// Streams the rows of `sql` in batches of `options.batchSize` (default 1000), fetched
+    /// only as the loop asks for them: `for await (const batch of pool.cursor(sql, params))`.
+    /// PostgreSQL: a cursor (DECLARE … FETCH) in a transaction on a lease held for the
+    /// iteration; SQLite: the statement stepped on a connection of its own. `break`, a
+    /// throw, `timeoutMs` or `signal` close it and release the connection.
+    #[napi(
+        ts_args_type = "sql: string, params?: unknown[], options?: CursorOptions",
+        ts_return_type = "AsyncIterable<Array<Record<string, any>>>"
+    )]
+    pub fn cursor(&self, env: Env) -> napi::Result<()> {
+        // Replaced at module load by the JavaScript in wrappers.js.
+        Err(js_error(
+            &env,
+            Error::internal("cursor() was not installed by the module loader"),
+        ))
     }
 }
 

@@ -97,6 +97,109 @@
     return listener
   }
 
+  // cursor(sql, params, { batchSize, timeoutMs, signal }): an async iterable of row batches,
+  // each fetched only when the loop asks. `break`, a throw or the bound closes it.
+  let cursors = 0
+  function batchSizeOf(sql, options) {
+    if (typeof sql !== 'string') throw typeError('cursor(sql) needs a SQL string')
+    if (options !== undefined && !isOptions(options)) throw typeError('cursor options must be an object')
+    const size = options && options.batchSize !== undefined ? options.batchSize : 1000
+    if (!Number.isInteger(size) || size < 1 || size > 1000000) {
+      throw typeError('options.batchSize must be an integer in 1..1000000')
+    }
+    return size
+  }
+
+  // The bound of a whole iteration: what is left of timeoutMs for the next call, and the signal.
+  function iterationBound(options) {
+    const timeoutMs = options && options.timeoutMs
+    const signal = options && options.signal
+    const started = Date.now()
+    return (call) => {
+      if (signal != null && signal.aborted) throw abortError(signal)
+      const next = signal != null ? { signal } : {}
+      if (timeoutMs === undefined) return call(next)
+      const left = timeoutMs - (Date.now() - started)
+      if (left <= 0) {
+        const err = new Error(`cursor timed out after timeoutMs (${timeoutMs} ms); it was closed`)
+        err.code = 'QUERY_TIMEOUT'
+        err.timeoutMs = timeoutMs
+        throw err
+      }
+      return call({ ...next, timeoutMs: left })
+    }
+  }
+
+  // PostgreSQL: DECLARE … FETCH n on `tx`. A pool cursor owns its lease (a transaction of its
+  // own, ended by the release); on a caller's lease it joins the open transaction or opens one.
+  async function* postgresBatches(tx, owned, sql, params, size, within) {
+    const name = `qm_cursor_${++cursors}`
+    const declare = `DECLARE ${name} NO SCROLL CURSOR FOR ${sql}`
+    let began = false
+    try {
+      if (owned) {
+        await within((o) => tx.query('BEGIN', [], o))
+        began = true
+        await within((o) => tx.query(declare, params, o))
+      } else {
+        try {
+          await within((o) => tx.query(declare, params, o))
+        } catch (err) {
+          if (!err || err.sqlstate !== '25P01') throw err // 25P01: not in a transaction
+          await within((o) => tx.query('BEGIN', [], o))
+          began = true
+          await within((o) => tx.query(declare, params, o))
+        }
+      }
+      for (;;) {
+        const { rows } = await within((o) => tx.query(`FETCH ${size} FROM ${name}`, [], o))
+        if (rows.length > 0) yield rows
+        if (rows.length < size) return
+      }
+    } finally {
+      if (owned) tx.release() // rolled back on release: the cursor ends with its transaction
+      else if (began) await tx.query('ROLLBACK').catch(() => {})
+      else await tx.query(`CLOSE ${name}`).catch(() => {})
+    }
+  }
+
+  async function* sqliteBatches(pool, sql, params, size, within) {
+    const cursor = await within((o) => bounded(pool, pool._sqliteCursor, [sql, params, size], o))
+    try {
+      for (;;) {
+        const batch = await within((o) => bounded(cursor, cursor.next, [], o))
+        if (batch === null) return
+        yield batch.rows
+      }
+    } finally {
+      cursor.close()
+    }
+  }
+
+  ConnectionPool.prototype.cursor = function cursor(sql, params, options) {
+    const size = batchSizeOf(sql, options)
+    const pool = this
+    return {
+      async *[Symbol.asyncIterator]() {
+        const within = iterationBound(options)
+        if (pool.backend === 'sqlite') return yield* sqliteBatches(pool, sql, params, size, within)
+        if (pool.backend !== 'postgres') throw typeError('cursor() needs a SQL database')
+        const tx = await within((o) => pool.acquire(o))
+        return yield* postgresBatches(tx, true, sql, params, size, within)
+      },
+    }
+  }
+
+  PooledConnection.prototype.cursor = function cursor(sql, params, options) {
+    const size = batchSizeOf(sql, options)
+    const tx = this
+    return {
+      async *[Symbol.asyncIterator]() {
+        return yield* postgresBatches(tx, false, sql, params, size, iterationBound(options))
+      },
+    }
+  }
+
   const acquire = ConnectionPool.prototype.acquire
   ConnectionPool.prototype.acquire = function acquire_(options) {
     return options === undefined ? acquire.call(this) : bounded(this, acquire, [], options)

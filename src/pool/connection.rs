@@ -235,6 +235,26 @@ impl Connection {
         Ok(())
     }
 
+    /// SQLite: the rows of `sql` in batches, read only as they are taken.
+    pub(crate) fn sqlite_stream(
+        &self,
+        sql: &str,
+        params: &[Value],
+        batch: usize,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<QueryResult>>> {
+        match &self.backend {
+            Backend::Sqlite(s) => Ok(s.stream(sql, params, batch)),
+            _ => Err(Error::internal("a row stream needs SQLite")),
+        }
+    }
+
+    /// Interrupts what runs on this connection (SQLite), e.g. a cursor being closed.
+    pub(crate) fn interrupt(&self) {
+        if let Backend::Sqlite(s) = &self.backend {
+            s.interrupt();
+        }
+    }
+
     fn sql_only(&self, what: &str) -> Error {
         Error::invalid_argument(format!(
             "{what} needs a SQL database; this pool is {} (use command/pipeline)",
@@ -490,7 +510,6 @@ pub(crate) fn changes_session(sql: &str) -> bool {
             | "discard"
             | "listen"
             | "unlisten"
-            | "declare"
             | "load"
             | "lock"
             | "pragma"
@@ -501,6 +520,10 @@ pub(crate) fn changes_session(sql: &str) -> bool {
         return true;
     }
     let lower = sql.to_ascii_lowercase();
+    // A cursor ends with its transaction unless declared WITH HOLD.
+    if word == "declare" && lower.contains("with hold") {
+        return true;
+    }
     let temp_table = word == "create" && {
         let next = rest.trim_start().to_ascii_lowercase();
         next.starts_with("temp")

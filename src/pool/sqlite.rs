@@ -208,6 +208,55 @@ fn cell(v: ValueRef<'_>) -> Value {
     }
 }
 
+fn row_cells(row: &rusqlite::Row<'_>, width: usize) -> Result<Vec<Value>> {
+    let mut cells = Vec::with_capacity(width);
+    for i in 0..width {
+        cells.push(cell(row.get_ref(i).map_err(query_error)?));
+    }
+    Ok(cells)
+}
+
+/// Steps `sql` and hands over `batch` rows at a time. The channel holds one batch, so the
+/// next is read from SQLite only after the previous one was taken; a dropped receiver
+/// ends the statement.
+fn stream_rows(
+    conn: &Connection,
+    sql: &str,
+    params: &[Value],
+    batch: usize,
+    out: &tokio::sync::mpsc::Sender<Result<QueryResult>>,
+) -> Result<()> {
+    let mut stmt = conn.prepare(sql).map_err(query_error)?;
+    let columns: Arc<[String]> = stmt.column_names().map(|c| c.to_string()).collect();
+    let width = columns.len();
+    let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(bound.iter()))
+        .map_err(query_error)?;
+    let mut pending = Vec::with_capacity(batch);
+    loop {
+        let next = rows.next().map_err(query_error)?;
+        let end = next.is_none();
+        if let Some(row) = next {
+            pending.push(row_cells(row, width)?);
+        }
+        if pending.len() == batch || (end && !pending.is_empty()) {
+            let rows = std::mem::replace(&mut pending, Vec::with_capacity(batch));
+            let result = QueryResult {
+                columns: Arc::clone(&columns),
+                row_count: rows.len() as u64,
+                rows,
+            };
+            if out.blocking_send(Ok(result)).is_err() {
+                return Ok(()); // the reader stopped
+            }
+        }
+        if end {
+            return Ok(());
+        }
+    }
+}
+
 fn run_query(conn: &Connection, sql: &str, params: &[Value]) -> Result<QueryResult> {
     let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
     let columns: Arc<[String]> = stmt.column_names().map(|c| c.to_string()).collect();
@@ -218,11 +267,7 @@ fn run_query(conn: &Connection, sql: &str, params: &[Value]) -> Result<QueryResu
         .map_err(query_error)?;
     let mut out = Vec::new();
     while let Some(row) = rows.next().map_err(query_error)? {
-        let mut cells = Vec::with_capacity(width);
-        for i in 0..width {
-            cells.push(cell(row.get_ref(i).map_err(query_error)?));
-        }
-        out.push(cells);
+        out.push(row_cells(row, width)?);
     }
     let row_count = if width == 0 {
         conn.changes()
@@ -300,6 +345,26 @@ impl SqliteConnection {
         })
         .await
         .map_err(|e| Error::internal(format!("SQLite task failed: {e}")))?
+    }
+
+    /// Streams the rows of `sql` in batches of `batch` (see [`stream_rows`]); the connection
+    /// is held by the stream until it ends or the receiver is dropped.
+    pub fn stream(
+        &self,
+        sql: &str,
+        params: &[Value],
+        batch: usize,
+    ) -> tokio::sync::mpsc::Receiver<Result<QueryResult>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let conn = Arc::clone(&self.conn);
+        let (sql, params) = (sql.to_string(), params.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock();
+            if let Err(e) = stream_rows(&conn, &sql, &params, batch, &tx) {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        rx
     }
 
     /// Interrupts the statement running now, if any (it fails with SQLITE_INTERRUPT).

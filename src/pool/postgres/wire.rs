@@ -122,7 +122,6 @@ impl WireState {
 fn changes_session(tag: &str) -> bool {
     let verb = tag.split(' ').next().unwrap_or("");
     matches!(verb, "SET" | "RESET" | "PREPARE" | "LISTEN" | "LOAD")
-        || tag.starts_with("DECLARE CURSOR")
 }
 
 fn text(bytes: &[u8]) -> &str {
