@@ -1,5 +1,5 @@
-//! What outlives one call: `Listener` (LISTEN/NOTIFY, SUBSCRIBE/PUBLISH) and the SQLite row
-//! cursor. Thin classes over the pool's core; the JavaScript around them (async iterators,
+//! What outlives one call: `Listener` (LISTEN/NOTIFY, SUBSCRIBE/PUBLISH), the SQLite row
+//! cursor and the two COPY directions. Thin classes over the pool's core; the JavaScript around them (async iterators,
 //! guarded callbacks) is in wrappers.js.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ use super::values;
 use super::{js_error, settled, spawn};
 use crate::error::Error;
 use crate::pool::config::Int8Mode;
+use crate::pool::copy::{CopyIn, CopyOut};
 use crate::pool::cursor::SqliteCursor;
 use crate::pool::listen::{Event, Sink, Topic};
 use crate::pool::{Pool, Statement, Value};
@@ -249,6 +250,169 @@ impl ConnectionPool {
         Err(js_error(
             &env,
             Error::internal("cursor() was not installed by the module loader"),
+        ))
+    }
+}
+
+/// Internal: the native side of `copyFrom()` (wrappers.js wraps it in a Node `Writable`).
+#[napi]
+pub struct CopyInHandle {
+    copy: Arc<tokio::sync::Mutex<CopyIn>>,
+}
+
+/// Internal: the native side of `copyTo()` (wrappers.js wraps it in a Node `Readable`).
+#[napi]
+pub struct CopyOutHandle {
+    copy: Arc<tokio::sync::Mutex<CopyOut>>,
+}
+
+#[napi]
+impl CopyInHandle {
+    /// Hands one chunk to the server; resolves when more may be written.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn write<'e>(
+        &self,
+        env: &'e Env,
+        chunk: napi::bindgen_prelude::Buffer,
+    ) -> napi::Result<PromiseRaw<'e, ()>> {
+        let data = bytes::Bytes::copy_from_slice(&chunk);
+        let copy = Arc::clone(&self.copy);
+        spawn(
+            env,
+            async move { copy.lock().await.write(data).await },
+            |_, ()| Ok(()),
+        )
+    }
+
+    /// Ends the data; resolves with the rows the server copied.
+    #[napi(ts_return_type = "Promise<number>")]
+    pub fn finish<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, f64>> {
+        let copy = Arc::clone(&self.copy);
+        spawn(
+            env,
+            async move { copy.lock().await.finish().await },
+            |_, rows| Ok(rows as f64),
+        )
+    }
+
+    /// Aborts the COPY on the server and releases the connection. Idempotent.
+    #[napi]
+    pub fn abort(&self) {
+        let copy = Arc::clone(&self.copy);
+        super::runtime().spawn(async move { copy.lock().await.abort() });
+    }
+}
+
+#[napi]
+impl CopyOutHandle {
+    /// The next chunk, or `null` at the end.
+    #[napi(ts_return_type = "Promise<Buffer | null>")]
+    pub fn read<'e>(
+        &self,
+        env: &'e Env,
+    ) -> napi::Result<PromiseRaw<'e, Option<napi::bindgen_prelude::Buffer>>> {
+        let copy = Arc::clone(&self.copy);
+        spawn(
+            env,
+            async move { copy.lock().await.read().await },
+            |_, chunk| Ok(chunk.map(|c| c.to_vec().into())),
+        )
+    }
+
+    /// Stops the COPY early (cancelled on the server) and releases the connection.
+    #[napi]
+    pub fn close(&self) {
+        let copy = Arc::clone(&self.copy);
+        super::runtime().spawn(async move { copy.lock().await.close().await });
+    }
+}
+
+#[napi]
+impl ConnectionPool {
+    /// Internal (wrappers.js): starts `COPY … FROM STDIN`.
+    #[napi(js_name = "_copyIn", skip_typescript)]
+    pub fn copy_in<'e>(
+        &self,
+        env: &'e Env,
+        sql: String,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
+    ) -> napi::Result<PromiseRaw<'e, CopyInHandle>> {
+        let bounds = match self
+            .check_open()
+            .and_then(|()| bounds(env, options, cancel))
+        {
+            Ok(b) => b,
+            Err(e) => return settled(env, Err(e)),
+        };
+        let pool = self.pool.clone();
+        spawn(
+            env,
+            async move { CopyIn::open(&pool, &sql, &bounds).await },
+            |_, copy| {
+                Ok(CopyInHandle {
+                    copy: Arc::new(tokio::sync::Mutex::new(copy)),
+                })
+            },
+        )
+    }
+
+    /// Internal (wrappers.js): starts `COPY … TO STDOUT`.
+    #[napi(js_name = "_copyOut", skip_typescript)]
+    pub fn copy_out<'e>(
+        &self,
+        env: &'e Env,
+        sql: String,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
+    ) -> napi::Result<PromiseRaw<'e, CopyOutHandle>> {
+        let bounds = match self
+            .check_open()
+            .and_then(|()| bounds(env, options, cancel))
+        {
+            Ok(b) => b,
+            Err(e) => return settled(env, Err(e)),
+        };
+        let pool = self.pool.clone();
+        spawn(
+            env,
+            async move { CopyOut::open(&pool, &sql, &bounds).await },
+            |_, copy| {
+                Ok(CopyOutHandle {
+                    copy: Arc::new(tokio::sync::Mutex::new(copy)),
+                })
+            },
+        )
+    }
+
+    /// PostgreSQL: `COPY … FROM STDIN` as a Node `Writable` (text, CSV or binary bytes, with
+    /// backpressure) on a lease held for the transfer. `finish` means the server copied
+    /// everything (`writable.rowCount` then holds its count); `destroy()` or an error
+    /// aborts the COPY on the server (nothing copied) and returns the connection clean.
+    /// `options.timeoutMs` / `signal` bound the wait for a connection.
+    #[napi(
+        ts_args_type = "sql: string, options?: CallOptions",
+        ts_return_type = "Promise<import('node:stream').Writable & { rowCount?: number }>"
+    )]
+    pub fn copy_from(&self, env: Env) -> napi::Result<()> {
+        // Replaced at module load by the JavaScript in wrappers.js.
+        Err(js_error(
+            &env,
+            Error::internal("copyFrom() was not installed by the module loader"),
+        ))
+    }
+
+    /// PostgreSQL: `COPY … TO STDOUT` as a Node `Readable` of the server's bytes, read only
+    /// as fast as it is consumed. `destroy()` cancels the COPY on the server and returns
+    /// the connection clean.
+    #[napi(
+        ts_args_type = "sql: string, options?: CallOptions",
+        ts_return_type = "Promise<import('node:stream').Readable>"
+    )]
+    pub fn copy_to(&self, env: Env) -> napi::Result<()> {
+        Err(js_error(
+            &env,
+            Error::internal("copyTo() was not installed by the module loader"),
         ))
     }
 }

@@ -200,6 +200,65 @@
     }
   }
 
+  // copyFrom / copyTo: Node streams over the native COPY handles, with backpressure: a
+  // write completes when the connection took the chunk, a read asks for the next chunk.
+  const { Readable, Writable } = process.getBuiltinModule('node:stream')
+  function checkCopy(pool, sql, options) {
+    if (typeof sql !== 'string') throw typeError('copy needs a COPY statement string')
+    if (options !== undefined && !isOptions(options)) throw typeError('copy options must be an object')
+    if (pool.backend !== 'postgres') throw typeError(`COPY needs PostgreSQL; this pool is ${pool.backend}`)
+  }
+
+  ConnectionPool.prototype.copyFrom = async function copyFrom(sql, options) {
+    checkCopy(this, sql, options)
+    const handle = await bounded(this, this._copyIn, [sql], options || {})
+    let done = false
+    const writable = new Writable({
+      highWaterMark: 256 * 1024,
+      write(chunk, encoding, callback) {
+        const data = typeof chunk === 'string' ? Buffer.from(chunk, encoding) : chunk
+        handle.write(data).then(() => callback(), callback)
+      },
+      final(callback) {
+        handle.finish().then(
+          (rows) => {
+            done = true
+            writable.rowCount = rows
+            callback()
+          },
+          callback,
+        )
+      },
+      destroy(err, callback) {
+        if (!done) handle.abort()
+        callback(err)
+      },
+    })
+    return writable
+  }
+
+  ConnectionPool.prototype.copyTo = async function copyTo(sql, options) {
+    checkCopy(this, sql, options)
+    const handle = await bounded(this, this._copyOut, [sql], options || {})
+    let done = false
+    return new Readable({
+      highWaterMark: 256 * 1024,
+      read() {
+        handle.read().then(
+          (chunk) => {
+            if (chunk === null) done = true
+            this.push(chunk)
+          },
+          (err) => this.destroy(err),
+        )
+      },
+      destroy(err, callback) {
+        if (!done) handle.close()
+        callback(err)
+      },
+    })
+  }
+
   const acquire = ConnectionPool.prototype.acquire
   ConnectionPool.prototype.acquire = function acquire_(options) {
     return options === undefined ? acquire.call(this) : bounded(this, acquire, [], options)

@@ -235,6 +235,22 @@ impl Connection {
         Ok(())
     }
 
+    /// PostgreSQL: the connection itself, for COPY.
+    pub(crate) fn postgres(&self) -> Result<&PgConnection> {
+        match &self.backend {
+            Backend::Postgres(pg) => Ok(pg),
+            _ => Err(Error::invalid_argument(format!(
+                "COPY needs PostgreSQL; this pool is {}",
+                self.backend_name()
+            ))),
+        }
+    }
+
+    /// Marks the connection as not to be reused (a COPY left half done).
+    pub(crate) fn retire(&self) {
+        self.broken.store(true, Ordering::Relaxed);
+    }
+
     /// SQLite: the rows of `sql` in batches, read only as they are taken.
     pub(crate) fn sqlite_stream(
         &self,

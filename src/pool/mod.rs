@@ -5,6 +5,7 @@ pub mod bounds;
 pub mod config;
 pub mod connection;
 pub mod connector;
+pub mod copy;
 pub mod cursor;
 pub mod dispatch;
 pub mod health;

@@ -443,6 +443,30 @@ impl PgConnection {
         })
     }
 
+    /// Starts `COPY … FROM STDIN`: the sink takes the data; dropping it unfinished sends
+    /// CopyFail, so the server aborts the COPY and the connection stays clean.
+    pub async fn copy_in(&self, sql: &str) -> Result<tokio_postgres::CopyInSink<bytes::Bytes>> {
+        let mark = self.wire.written();
+        self.client
+            .copy_in(sql)
+            .await
+            .map_err(|e| self.failure(e, mark))
+    }
+
+    /// Starts `COPY … TO STDOUT`.
+    pub async fn copy_out(&self, sql: &str) -> Result<tokio_postgres::CopyOutStream> {
+        let mark = self.wire.written();
+        self.client
+            .copy_out(sql)
+            .await
+            .map_err(|e| self.failure(e, mark))
+    }
+
+    /// Maps an error met while copying data.
+    pub(crate) fn copy_failure(&self, e: tokio_postgres::Error) -> Error {
+        self.failure(e, u64::MAX)
+    }
+
     /// The tag of the one statement completed since `before`, if exactly one was.
     fn tag_since(&self, before: u64) -> Option<String> {
         (self.wire.tags() == before + 1).then(|| self.wire.last_tag())
