@@ -9,3 +9,10 @@ it('README quick start is the type-checked examples/quickstart.ts', () => {
   expect(block).not.toBeNull()
   expect(block![1]).toBe(readFileSync(path.join(root, 'examples/quickstart.ts'), 'utf8'))
 })
+
+it('README bounded-work and streams example is the type-checked examples/bounded-and-streams.ts', () => {
+  const root = path.join(__dirname, '..')
+  const readme = readFileSync(path.join(root, 'README.md'), 'utf8')
+  const example = readFileSync(path.join(root, 'examples/bounded-and-streams.ts'), 'utf8')
+  expect(readme).toContain('```ts\n' + example + '```')
+})
