@@ -455,6 +455,17 @@ impl ModelCache {
             Some(Err(e)) => Err(js_error(&env, e)),
         }
     }
+
+    /// The GPU and how its kernels were built, e.g. `'NVIDIA H200, sm_90, kernels: sm_90
+    /// CUBIN, NVRTC 12.9'` (PTX when NVRTC could not build the device's own CUBIN); `null` on
+    /// the CPU.
+    #[napi(catch_unwind)]
+    pub fn device_info(&self, env: Env) -> napi::Result<Option<String>> {
+        self.core
+            .device_info()
+            .transpose()
+            .map_err(|e| js_error(&env, e))
+    }
 }
 
 impl ObjectFinalize for ModelCache {

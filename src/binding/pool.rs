@@ -158,6 +158,14 @@ pub struct ExecuteResult {
     pub last_insert_id: Option<f64>,
 }
 
+/// Open connections to one server.
+#[napi(object, object_from_js = false)]
+pub struct HostConnections {
+    /// `host:port` (never credentials).
+    pub host: String,
+    pub connections: u32,
+}
+
 /// Occupancy right now.
 #[napi(object, object_from_js = false)]
 pub struct PoolStatus {
@@ -166,6 +174,8 @@ pub struct PoolStatus {
     pub idle: u32,
     pub in_use: u32,
     pub waiting: u32,
+    /// PostgreSQL: open connections per server, e.g. which replicas a read pool reached.
+    pub hosts: Vec<HostConnections>,
 }
 
 /// Counters since the pool was created, and latency percentiles.
@@ -675,6 +685,14 @@ impl ConnectionPool {
             idle: s.idle as u32,
             in_use: s.in_use as u32,
             waiting: s.waiting as u32,
+            hosts: s
+                .hosts
+                .into_iter()
+                .map(|(host, n)| HostConnections {
+                    host,
+                    connections: n as u32,
+                })
+                .collect(),
         }
     }
 
@@ -898,6 +916,15 @@ impl PooledConnection {
         cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, Reply>> {
         send_pipeline(self, env, commands, options, cancel)
+    }
+
+    /// Internal (transaction): undoes session changes inside the open transaction, before
+    /// its COMMIT.
+    #[napi(js_name = "_resetSession", skip_typescript)]
+    pub fn reset_session<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, ()>> {
+        let (complete, promise) = promise(env, |_, _: Outcome| Ok(()))?;
+        self.lease.reset_session(complete);
+        Ok(promise)
     }
 
     /// Internal (transaction): bounds every statement run on this lease from now on.

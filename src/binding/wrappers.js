@@ -324,6 +324,9 @@
         if (err && err.code === 'ABORT_ERR' && signal != null) err.cause = signal.reason
         throw err
       }
+      // Session changes made inside are undone inside it: behind a transaction pooler the
+      // server session is ours only until COMMIT.
+      if (backend === 'postgres') await tx._resetSession()
       // Not raced: a COMMIT reports what the server did (the lease's bound still applies).
       const committed = await run(redis ? 'EXEC' : 'COMMIT')
       return redis && result === undefined ? committed : result

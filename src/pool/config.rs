@@ -298,9 +298,9 @@ fn parse_postgres(url: &str) -> Result<(Target, Option<TlsMode>)> {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    cleaned
-        .parse::<tokio_postgres::Config>()
-        .map_err(|e| Error::invalid_argument(format!("url is not a valid PostgreSQL URL: {e}")))?;
+    // Our own parameters (target_session_attrs' full set, load_balance_hosts) are validated
+    // with the rest, as the connector will read them.
+    crate::pool::postgres::connect::parse_url(&cleaned)?;
     Ok((Target::Postgres { url: cleaned }, tls))
 }
 

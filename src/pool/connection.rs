@@ -271,6 +271,24 @@ impl Connection {
         }
     }
 
+    /// PostgreSQL, inside a transaction about to commit: undoes session changes made in it
+    /// (settings, session advisory locks) as part of the transaction. Behind a transaction
+    /// pooler (PgBouncer) the server session is only ours until COMMIT, so this is the one
+    /// moment it can be cleaned.
+    pub(crate) async fn reset_session_in_transaction(&self) -> Result<()> {
+        let Backend::Postgres(pg) = &self.backend else {
+            return Ok(());
+        };
+        let changed = pg.session_changed() || self.session_dirty.load(Ordering::Relaxed);
+        if !changed || pg.status() != TxStatus::InTransaction {
+            return Ok(());
+        }
+        pg.utility("RESET ALL").await?;
+        pg.utility("SELECT pg_advisory_unlock_all()").await?;
+        pg.wire().clear_session_changed();
+        Ok(())
+    }
+
     fn sql_only(&self, what: &str) -> Error {
         Error::invalid_argument(format!(
             "{what} needs a SQL database; this pool is {} (use command/pipeline)",

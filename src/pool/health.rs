@@ -4,13 +4,15 @@ pub use crate::metrics::health::HealthStatus;
 use crate::metrics::{Percentiles, PoolGauges, PoolRecorder};
 use crate::pool::config::PoolConfig;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolStatus {
     pub max_size: u64,
     pub size: u64,
     pub idle: u64,
     pub in_use: u64,
     pub waiting: u64,
+    /// Open connections per server (`host:port`, never credentials); PostgreSQL only.
+    pub hosts: Vec<(String, usize)>,
 }
 
 /// The seed's `PoolMetrics` fields plus lifecycle counters and latency percentiles.

@@ -4,7 +4,7 @@
 //! waiters have waited longer than a connect takes, not one per waiter, so a spike that warm
 //! connections can serve does not storm the database with connects.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -69,6 +69,8 @@ pub(crate) struct Inventory {
     /// Open connections: idle, leased or out for a ping. Counted down by each connection's
     /// [`Slot`] as it is dropped, wherever that happens.
     open: Arc<AtomicUsize>,
+    /// Open connections per server (`host:port`), for status.
+    hosts: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     connector: Connector,
     config: Arc<PoolConfig>,
     recorder: Arc<PoolRecorder>,
@@ -79,12 +81,23 @@ pub(crate) struct Inventory {
 /// and lets a waiter have a new connection opened.
 pub(crate) struct Slot {
     open: Arc<AtomicUsize>,
+    /// The server it reached, counted in [`Inventory::hosts`].
+    host: Option<(Arc<str>, Arc<Mutex<HashMap<Arc<str>, usize>>>)>,
     inventory: Weak<Inventory>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some((host, hosts)) = self.host.take() {
+            let mut hosts = hosts.lock();
+            if let Some(n) = hosts.get_mut(&host) {
+                *n -= 1;
+                if *n == 0 {
+                    hosts.remove(&host);
+                }
+            }
+        }
         if let Some(inventory) = self.inventory.upgrade() {
             inventory.open_if_needed();
         }
@@ -121,6 +134,7 @@ impl Inventory {
     ) -> Arc<Inventory> {
         Arc::new(Inventory {
             open: Arc::new(AtomicUsize::new(0)),
+            hosts: Arc::default(),
             state: Mutex::new(State {
                 idle: Vec::new(),
                 opening: 0,
@@ -137,6 +151,18 @@ impl Inventory {
             recorder,
             runtime,
         })
+    }
+
+    /// Open connections per server, sorted by host.
+    pub fn hosts(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = self
+            .hosts
+            .lock()
+            .iter()
+            .map(|(h, n)| (h.to_string(), *n))
+            .collect();
+        out.sort();
+        out
     }
 
     pub fn connector(&self) -> &Connector {
@@ -302,8 +328,14 @@ impl Inventory {
             match self.connector.open(self.config.connect_timeout).await {
                 Ok(mut conn) => {
                     self.open.fetch_add(1, Ordering::AcqRel);
+                    let host = conn.host().map(|h| {
+                        let h: Arc<str> = Arc::from(h);
+                        *self.hosts.lock().entry(Arc::clone(&h)).or_insert(0) += 1;
+                        (h, Arc::clone(&self.hosts))
+                    });
                     conn.slot = Some(Slot {
                         open: Arc::clone(&self.open),
+                        host,
                         inventory: Arc::downgrade(&self),
                     });
                     {

@@ -153,7 +153,11 @@ impl Drop for Lease {
 /// What an [`OrderedLease`] has been asked to do, in order.
 enum Work {
     Run(Statement, Bounds, Pending),
-    Finish { leaked: bool },
+    /// Undo session changes inside the open transaction (before a transaction's COMMIT).
+    ResetSession(Pending),
+    Finish {
+        leaked: bool,
+    },
 }
 
 struct Ordered {
@@ -204,6 +208,22 @@ impl OrderedLease {
         state
             .queue
             .push_back(Work::Run(statement, bounds, Pending::new(done)));
+        self.ensure_running(&mut state);
+    }
+
+    /// Queues [`Connection::reset_session_in_transaction`] behind what was issued before.
+    pub fn reset_session(self: &Arc<Self>, done: Done) {
+        let mut state = self.state.lock();
+        if state.released {
+            drop(state);
+            return done(Err(Error::new(
+                ErrorCode::PoolClosed,
+                "this connection was already released to its pool",
+            )));
+        }
+        state
+            .queue
+            .push_back(Work::ResetSession(Pending::new(done)));
         self.ensure_running(&mut state);
     }
 
@@ -262,6 +282,16 @@ impl OrderedLease {
                     if let Ok(outcome) = AssertUnwindSafe(run).catch_unwind().await {
                         pending.settle(outcome);
                     }
+                }
+                Work::ResetSession(pending) => {
+                    let outcome = match lease.connection() {
+                        Ok(conn) => conn
+                            .reset_session_in_transaction()
+                            .await
+                            .map(|()| Outcome::Replies(Vec::new())),
+                        Err(e) => Err(e),
+                    };
+                    pending.settle(outcome);
                 }
                 Work::Finish { leaked } => lease.finish(leaked),
             }

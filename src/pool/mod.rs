@@ -356,6 +356,7 @@ impl Pool {
             idle: g.idle,
             in_use: g.in_use,
             waiting: g.waiting,
+            hosts: self.shared.inventory.hosts(),
         }
     }
 
