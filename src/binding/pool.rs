@@ -60,6 +60,10 @@ pub struct PoolOptions {
     pub tls: Option<TlsOptions>,
     /// Label in metrics. Default: the backend name (`postgres`, `sqlite`, `redis`).
     pub name: Option<String>,
+    /// Redis Cluster: `url` lists seed nodes (`redis://h1:p1,h2:p2,h3:p3`); keys are routed
+    /// by slot, MOVED/ASK followed, failovers followed within `acquireTimeoutMs`. Pipelines
+    /// must keep their keys in one slot; MULTI/WATCH/SELECT and listen are refused.
+    pub cluster: Option<bool>,
     /// How int8 columns arrive: `bigint` (default) or `string`.
     pub int8: Option<String>,
 }
@@ -294,6 +298,7 @@ fn core_options(o: PoolOptions) -> CoreOptions {
         leak_detection_ms: o.leak_detection_ms,
         statement_cache: o.statement_cache,
         statement_timeout_ms: o.statement_timeout_ms,
+        cluster: o.cluster,
         tls_mode,
         tls_ca,
         name: o.name,

@@ -17,6 +17,8 @@ pub enum Target {
     SqliteMemory,
     /// `redis://` or `rediss://`.
     Redis { url: String },
+    /// `cluster: true`: one `redis://host:port` per seed node (credentials on each).
+    RedisCluster { nodes: Vec<String> },
 }
 
 impl Target {
@@ -24,7 +26,7 @@ impl Target {
         match self {
             Target::Postgres { .. } => "postgres",
             Target::SqliteFile { .. } | Target::SqliteMemory => "sqlite",
-            Target::Redis { .. } => "redis",
+            Target::Redis { .. } | Target::RedisCluster { .. } => "redis",
         }
     }
 }
@@ -79,6 +81,8 @@ pub struct PoolOptions {
     pub leak_detection_ms: Option<f64>,
     pub statement_cache: Option<bool>,
     pub statement_timeout_ms: Option<f64>,
+    /// Redis Cluster: `url` lists the seed nodes, `redis://h1:p1,h2:p2`.
+    pub cluster: Option<bool>,
     pub tls_mode: Option<String>,
     pub tls_ca: Option<String>,
     pub name: Option<String>,
@@ -100,7 +104,11 @@ const DAY_MS: f64 = 86_400_000.0;
 
 impl PoolConfig {
     pub fn from_options(opts: PoolOptions) -> Result<PoolConfig> {
-        let (target, url_tls) = parse_url(&opts.url)?;
+        let (target, url_tls) = if opts.cluster.unwrap_or(false) {
+            (parse_cluster_url(&opts.url)?, None)
+        } else {
+            parse_url(&opts.url)?
+        };
         let max_size = count(
             "maxSize",
             opts.max_size,
@@ -272,6 +280,44 @@ pub fn parse_url(url: &str) -> Result<(Target, Option<TlsMode>)> {
             "url scheme {scheme:?} is not supported; use postgres://, postgresql://, sqlite:, redis:// or rediss://"
         ))),
     }
+}
+
+/// `redis://[user:pass@]h1:p1,h2:p2[/…]` (or `rediss://`) into one URL per seed node.
+fn parse_cluster_url(url: &str) -> Result<Target> {
+    let url = url.trim();
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        Error::invalid_argument("a cluster url must start with redis:// or rediss://")
+    })?;
+    if scheme != "redis" && scheme != "rediss" {
+        return Err(Error::invalid_argument(
+            "cluster: true needs a redis:// or rediss:// url",
+        ));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let mut nodes = Vec::new();
+    for host in hosts.split(',').filter(|h| !h.is_empty()) {
+        let node = match userinfo {
+            Some(u) => format!("{scheme}://{u}@{host}"),
+            None => format!("{scheme}://{host}"),
+        };
+        redis::Client::open(node.as_str()).map_err(|e| {
+            Error::invalid_argument(format!(
+                "url is not a valid Redis Cluster URL ({:?})",
+                e.kind()
+            ))
+        })?;
+        nodes.push(node);
+    }
+    if nodes.is_empty() {
+        return Err(Error::invalid_argument(
+            "a cluster url names at least one node: redis://h1:p1,h2:p2",
+        ));
+    }
+    Ok(Target::RedisCluster { nodes })
 }
 
 fn parse_postgres(url: &str) -> Result<(Target, Option<TlsMode>)> {

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use crate::error::{Error, ErrorCode, Result};
 use crate::metrics::PoolRecorder;
 use crate::pool::bounds::Bounds;
+use crate::pool::cluster::ClusterConn;
 use crate::pool::postgres::wire::TxStatus;
 use crate::pool::postgres::PgConnection;
 use crate::pool::redis::RedisConnection;
@@ -115,6 +116,7 @@ pub enum Backend {
     Postgres(Box<PgConnection>),
     Sqlite(SqliteConnection),
     Redis(RedisConnection),
+    RedisCluster(Box<ClusterConn>),
 }
 
 pub struct Connection {
@@ -165,7 +167,7 @@ impl Connection {
         match self.backend {
             Backend::Postgres(_) => "postgres",
             Backend::Sqlite(_) => "sqlite",
-            Backend::Redis(_) => "redis",
+            Backend::Redis(_) | Backend::RedisCluster(_) => "redis",
         }
     }
 
@@ -187,6 +189,7 @@ impl Connection {
             || match &self.backend {
                 Backend::Postgres(pg) => pg.is_closed(),
                 Backend::Redis(r) => r.tainted.load(Ordering::Relaxed) || r.is_closed(),
+                Backend::RedisCluster(_) => false,
                 // SQLite session state (PRAGMA, ATTACH, temp tables) has no reset: close it.
                 Backend::Sqlite(_) => self.session_dirty.load(Ordering::Relaxed),
             }
@@ -203,6 +206,7 @@ impl Connection {
             // Busy (locked) means we cannot tell: reset, which waits for it.
             Backend::Sqlite(s) => s.in_transaction().unwrap_or(true),
             Backend::Redis(r) => r.in_transaction.load(Ordering::Relaxed),
+            Backend::RedisCluster(_) => false,
         }
     }
 
@@ -211,6 +215,7 @@ impl Connection {
             Backend::Postgres(pg) => pg.ping().await,
             Backend::Sqlite(s) => s.ping().await,
             Backend::Redis(r) => r.ping().await,
+            Backend::RedisCluster(c) => c.ping().await,
         }
     }
 
@@ -230,6 +235,7 @@ impl Connection {
             }
             Backend::Sqlite(s) => s.rollback().await?,
             Backend::Redis(r) => r.reset().await?,
+            Backend::RedisCluster(_) => {}
         }
         *self.failed_in_transaction.lock() = None;
         Ok(())
@@ -374,7 +380,7 @@ impl Connection {
                 let _ = tokio::time::timeout(STOP_GRACE, pg.cancel()).await;
             }
             Backend::Sqlite(s) => s.interrupt(),
-            Backend::Redis(_) => {
+            Backend::Redis(_) | Backend::RedisCluster(_) => {
                 self.broken.store(true, Ordering::Relaxed);
                 return Err(bounds
                     .error(
@@ -424,7 +430,7 @@ impl Connection {
                 Err(e) => Err(e),
             },
             Backend::Sqlite(s) => s.query(sql, params).await,
-            Backend::Redis(_) => return Err(self.sql_only("query")),
+            Backend::Redis(_) | Backend::RedisCluster(_) => return Err(self.sql_only("query")),
         };
         self.after_statement(sql, started, &result);
         result
@@ -440,7 +446,7 @@ impl Connection {
                 Err(e) => Err(e),
             },
             Backend::Sqlite(s) => s.execute(sql, params).await,
-            Backend::Redis(_) => return Err(self.sql_only("execute")),
+            Backend::Redis(_) | Backend::RedisCluster(_) => return Err(self.sql_only("execute")),
         };
         self.after_statement(sql, started, &result);
         result
@@ -448,20 +454,22 @@ impl Connection {
 
     pub async fn command(&self, name: &str, args: &[Value]) -> Result<Value> {
         let started = Instant::now();
-        let Backend::Redis(r) = &self.backend else {
-            return Err(redis_only(self.backend_name()));
+        let result = match &self.backend {
+            Backend::Redis(r) => r.command(name, args).await,
+            Backend::RedisCluster(c) => c.command(name, args).await,
+            _ => return Err(redis_only(self.backend_name())),
         };
-        let result = r.command(name, args).await;
         self.after_command(started, &result);
         result
     }
 
     pub async fn pipeline(&self, commands: &[(String, Vec<Value>)]) -> Result<Vec<Value>> {
         let started = Instant::now();
-        let Backend::Redis(r) = &self.backend else {
-            return Err(redis_only(self.backend_name()));
+        let result = match &self.backend {
+            Backend::Redis(r) => r.pipeline(commands).await,
+            Backend::RedisCluster(c) => c.pipeline(commands).await,
+            _ => return Err(redis_only(self.backend_name())),
         };
-        let result = r.pipeline(commands).await;
         self.after_command(started, &result);
         result
     }

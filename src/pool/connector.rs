@@ -13,7 +13,7 @@ use crate::pool::connection::{Backend, Connection};
 use crate::pool::listen::Session;
 use crate::pool::postgres::listen::PgSession;
 use crate::pool::sqlite::SqliteTarget;
-use crate::pool::{postgres, redis, sqlite};
+use crate::pool::{cluster, postgres, redis, sqlite};
 
 /// A connection used this recently is handed out without a validation round trip.
 pub const VALIDATION_GRACE: Duration = Duration::from_millis(500);
@@ -22,6 +22,7 @@ enum Dial {
     Postgres(Arc<postgres::connect::Connector>),
     Sqlite(SqliteTarget),
     Redis(Box<::redis::Client>),
+    RedisCluster(Box<::redis::cluster::ClusterClient>),
 }
 
 pub(crate) struct Connector {
@@ -49,6 +50,12 @@ impl Connector {
             Target::SqliteMemory => {
                 Dial::Sqlite(sqlite_memory.unwrap_or_else(SqliteTarget::memory))
             }
+            Target::RedisCluster { nodes } => Dial::RedisCluster(Box::new(cluster::client(
+                nodes,
+                config.tls.as_ref(),
+                config.connect_timeout,
+                config.statement_timeout,
+            )?)),
             Target::Redis { url } => {
                 Dial::Redis(Box::new(redis::client(url, config.tls.as_ref())?))
             }
@@ -83,6 +90,11 @@ impl Connector {
             )
             .await
             .map(Backend::Redis),
+            Dial::RedisCluster(client) => {
+                cluster::connect(client, timeout, self.config.acquire_timeout)
+                    .await
+                    .map(|c| Backend::RedisCluster(Box::new(c)))
+            }
         };
         match backend {
             Ok(b) => Ok(Connection::new(
@@ -127,6 +139,9 @@ impl Connector {
             Dial::Sqlite(_) => Err(Error::invalid_argument(
                 "listen/notify need PostgreSQL or Redis; SQLite has no notifications",
             )),
+            Dial::RedisCluster(_) => Err(Error::invalid_argument(
+                "listen/notify are not available on a Redis Cluster pool; use a pool on one node",
+            )),
         }
     }
 
@@ -135,7 +150,7 @@ impl Connector {
         err.permanent
             || match self.dial {
                 Dial::Postgres(_) => false,
-                Dial::Redis(_) => redis::is_permanent(err),
+                Dial::Redis(_) | Dial::RedisCluster(_) => redis::is_permanent(err),
                 Dial::Sqlite(_) => true,
             }
     }

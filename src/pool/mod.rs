@@ -2,6 +2,7 @@
 //! checkout, paced opening, background retirement and keepalive, clean return of every lease.
 
 pub mod bounds;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod connector;
@@ -439,6 +440,11 @@ impl Pool {
             return Err(self.closed_error());
         }
         listen::check_topic(&topic, self.config().target.backend())?;
+        if let Target::RedisCluster { .. } = self.config().target {
+            return Err(Error::invalid_argument(
+                "listen/notify are not available on a Redis Cluster pool; use a pool on one node",
+            ));
+        }
         let shared = &self.shared;
         let hub = shared
             .hub

@@ -213,14 +213,14 @@ pub fn build_command(name: &str, args: &[Value]) -> Result<redis::Cmd> {
 }
 
 /// A reply inside an array: an error reply stays in its place (the rest were applied).
-fn element(v: RedisValue) -> Result<Value> {
+pub(crate) fn element(v: RedisValue) -> Result<Value> {
     match reply(v) {
         Err(e) if e.sqlstate.is_some() => Ok(Value::Failed(Box::new(e))),
         other => other,
     }
 }
 
-fn reply(v: RedisValue) -> Result<Value> {
+pub(crate) fn reply(v: RedisValue) -> Result<Value> {
     Ok(match v {
         RedisValue::Nil => Value::Null,
         RedisValue::Int(i) => Value::Int(i),
