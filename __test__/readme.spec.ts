@@ -16,3 +16,12 @@ it('README bounded-work and streams example is the type-checked examples/bounded
   const example = readFileSync(path.join(root, 'examples/bounded-and-streams.ts'), 'utf8')
   expect(readme).toContain('```ts\n' + example + '```')
 })
+
+it('README scaling-out example is part of the type-checked examples/scaling.ts', () => {
+  const root = path.join(__dirname, '..')
+  const readme = readFileSync(path.join(root, 'README.md'), 'utf8')
+  const section = readme.slice(readme.indexOf('## Scaling out'))
+  const block = section.match(/```ts\n([\s\S]*?)```/)
+  expect(block).not.toBeNull()
+  expect(readFileSync(path.join(root, 'examples/scaling.ts'), 'utf8')).toContain(block![1])
+})
