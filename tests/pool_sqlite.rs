@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use quartermaster::error::ErrorCode;
 use quartermaster::metrics::Registry;
-use quartermaster::pool::{Pool, PoolConfig, PoolOptions, Statement, Value};
+use quartermaster::pool::{Bounds, Pool, PoolConfig, PoolOptions, Statement, Value};
 
 fn pool(max_size: f64, acquire_timeout_ms: f64, max_waiting: Option<f64>) -> Pool {
     let config = PoolConfig::from_options(PoolOptions {
@@ -76,6 +76,7 @@ async fn submitted_statements_are_all_answered_and_close_refuses_new_work() {
         let tx = tx.clone();
         pool.submit(
             Statement::Query("select ?1 as i".into(), vec![Value::Int(i)]),
+            Bounds::default(),
             Box::new(move |out| {
                 let _ = tx.send((i, out));
             }),

@@ -210,6 +210,8 @@ pub struct PoolMetrics {
     pub leaked_leases: f64,
     /// Exceptions thrown by `listen()` callbacks (reported, the others carried on).
     pub listener_errors: f64,
+    /// Statements run on the calling thread (SQLite: cheap statements and `querySync`).
+    pub inline_statements: f64,
     /// Acquires refused at once because `maxWaiting` callers were queued.
     pub rejected: f64,
     /// Time to check out a connection.
@@ -356,6 +358,10 @@ fn pipeline_from_js(env: &Env, commands: sys::napi_value) -> CoreResult<Vec<(Str
 trait Runner {
     fn int8(&self) -> Int8Mode;
     fn send(&self, statement: Statement, bounds: Bounds, complete: Complete<Outcome>);
+    /// Runs a cheap SQLite statement on this thread; `None` to send it instead.
+    fn try_inline(&self, statement: &Statement) -> Option<CoreResult<Outcome>>;
+    /// `querySync` / `executeSync`.
+    fn run_sync(&self, statement: &Statement) -> CoreResult<Outcome>;
 }
 
 impl Runner for ConnectionPool {
@@ -369,6 +375,16 @@ impl Runner for ConnectionPool {
             Err(e) => complete(Err(e)),
         }
     }
+
+    fn try_inline(&self, statement: &Statement) -> Option<CoreResult<Outcome>> {
+        self.check_open().ok()?;
+        self.pool.try_inline(statement)
+    }
+
+    fn run_sync(&self, statement: &Statement) -> CoreResult<Outcome> {
+        self.check_open()?;
+        self.pool.run_sync(statement)
+    }
 }
 
 impl Runner for PooledConnection {
@@ -378,6 +394,14 @@ impl Runner for PooledConnection {
 
     fn send(&self, statement: Statement, bounds: Bounds, complete: Complete<Outcome>) {
         self.lease.submit(statement, bounds, complete);
+    }
+
+    fn try_inline(&self, statement: &Statement) -> Option<CoreResult<Outcome>> {
+        self.lease.try_inline(statement, &self.profiles)
+    }
+
+    fn run_sync(&self, statement: &Statement) -> CoreResult<Outcome> {
+        self.lease.run_sync(statement)
     }
 }
 
@@ -396,8 +420,14 @@ fn send_query<'e>(
         Err(e) => return settled(env, Err(e)),
     };
     let int8 = to.int8();
+    let statement = Statement::Query(sql, params);
+    if !bounds.is_set() {
+        if let Some(outcome) = to.try_inline(&statement) {
+            return settled(env, outcome.map(|out| rows(out.into_rows(), int8)));
+        }
+    }
     let (complete, promise) = promise(env, move |_, out: Outcome| Ok(rows(out.into_rows(), int8)))?;
-    to.send(Statement::Query(sql, params), bounds, complete);
+    to.send(statement, bounds, complete);
     Ok(promise)
 }
 
@@ -415,11 +445,21 @@ fn send_execute<'e>(
         Ok(v) => v,
         Err(e) => return settled(env, Err(e)),
     };
+    let statement = Statement::Execute(sql, params);
+    if !bounds.is_set() {
+        if let Some(outcome) = to.try_inline(&statement) {
+            return match outcome {
+                Ok(Outcome::Done(d)) => settled(env, Ok(done(d))),
+                Ok(_) => unreachable_value(),
+                Err(e) => settled(env, Err(e)),
+            };
+        }
+    }
     let (complete, promise) = promise(env, |_, out: Outcome| match out {
         Outcome::Done(d) => Ok(done(d)),
         _ => unreachable_value(),
     })?;
-    to.send(Statement::Execute(sql, params), bounds, complete);
+    to.send(statement, bounds, complete);
     Ok(promise)
 }
 
@@ -464,6 +504,35 @@ fn send_pipeline<'e>(
     })?;
     to.send(Statement::Pipeline(commands), bounds, complete);
     Ok(promise)
+}
+
+fn query_sync(
+    to: &impl Runner,
+    env: &Env,
+    sql: String,
+    params: Option<Unknown<'_>>,
+) -> napi::Result<QueryResult> {
+    let outcome = values::params_from_js(env, raw(&params))
+        .and_then(|p| to.run_sync(&Statement::Query(sql, p)));
+    match outcome {
+        Ok(out) => Ok(rows(out.into_rows(), to.int8())),
+        Err(e) => Err(js_error(env, e)),
+    }
+}
+
+fn execute_sync(
+    to: &impl Runner,
+    env: &Env,
+    sql: String,
+    params: Option<Unknown<'_>>,
+) -> napi::Result<ExecuteResult> {
+    let outcome = values::params_from_js(env, raw(&params))
+        .and_then(|p| to.run_sync(&Statement::Execute(sql, p)));
+    match outcome {
+        Ok(Outcome::Done(d)) => Ok(done(d)),
+        Ok(_) => unreachable_value(),
+        Err(e) => Err(js_error(env, e)),
+    }
 }
 
 /// The JS stack of the caller, taken only when leak detection wants it.
@@ -568,6 +637,31 @@ impl ConnectionPool {
         send_execute(self, env, sql, params, options, cancel)
     }
 
+    /// SQLite: runs one statement on the calling thread and returns its rows — no promise,
+    /// no thread hop (the `predictSync` of connections). Waits at most `acquireTimeoutMs`
+    /// for a connection. Other backends: `INVALID_ARGUMENT` (a network round trip would
+    /// block the event loop).
+    #[napi(ts_args_type = "sql: string, params?: unknown[]")]
+    pub fn query_sync(
+        &self,
+        env: Env,
+        sql: String,
+        params: Option<Unknown<'_>>,
+    ) -> napi::Result<QueryResult> {
+        query_sync(self, &env, sql, params)
+    }
+
+    /// SQLite: runs one statement for its effect on the calling thread.
+    #[napi(ts_args_type = "sql: string, params?: unknown[]")]
+    pub fn execute_sync(
+        &self,
+        env: Env,
+        sql: String,
+        params: Option<Unknown<'_>>,
+    ) -> napi::Result<ExecuteResult> {
+        execute_sync(self, &env, sql, params)
+    }
+
     /// Redis: runs one command, e.g. `command('SET', 'k', 'v')`; the arguments may also come
     /// as one array, `command('SET', ['k', 'v'])`.
     #[napi(
@@ -640,6 +734,32 @@ impl ConnectionPool {
         spawn(
             env,
             async move { pool.acquire_within(stack, &bounds).await },
+            move |_, lease| Ok(PooledConnection::new(lease, int8)),
+        )
+    }
+
+    /// Internal (transaction): a lease of the connection writes go through (SQLite's one
+    /// writer), so two transactions queue for it instead of meeting in the busy handler.
+    #[napi(js_name = "_acquireForWrite", skip_typescript)]
+    pub fn acquire_for_write<'e>(
+        &self,
+        env: &'e Env,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
+    ) -> napi::Result<PromiseRaw<'e, PooledConnection>> {
+        let bounds = match self
+            .check_open()
+            .and_then(|()| bounds(env, options, cancel))
+        {
+            Ok(b) => b,
+            Err(e) => return settled(env, Err(e)),
+        };
+        let pool = self.pool.clone();
+        let int8 = self.int8;
+        let stack = capture_stack(env, !self.pool.config().leak_detection.is_zero());
+        spawn(
+            env,
+            async move { pool.acquire_for_write(stack, &bounds).await },
             move |_, lease| Ok(PooledConnection::new(lease, int8)),
         )
     }
@@ -723,6 +843,7 @@ impl ConnectionPool {
             destroyed: m.destroyed as f64,
             leaked_leases: m.leaked_leases as f64,
             listener_errors: m.listener_errors as f64,
+            inline_statements: m.inline_statements as f64,
             rejected: m.rejected as f64,
             acquire: m.acquire.into(),
             usage: m.usage.into(),
@@ -846,11 +967,13 @@ pub fn install_wrappers(exports: Object, env: Env) -> napi::Result<()> {
 pub struct PooledConnection {
     lease: Arc<OrderedLease>,
     int8: Int8Mode,
+    profiles: Arc<crate::pool::profile::Profiles>,
 }
 
 impl PooledConnection {
     fn new(lease: Lease, int8: Int8Mode) -> Self {
         PooledConnection {
+            profiles: lease.profiles(),
             lease: OrderedLease::new(lease),
             int8,
         }
@@ -889,6 +1012,29 @@ impl PooledConnection {
         cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
         send_execute(self, env, sql, params, options, cancel)
+    }
+
+    /// SQLite: runs one statement on this connection on the calling thread (statements
+    /// issued before it must have finished).
+    #[napi(ts_args_type = "sql: string, params?: unknown[]")]
+    pub fn query_sync(
+        &self,
+        env: Env,
+        sql: String,
+        params: Option<Unknown<'_>>,
+    ) -> napi::Result<QueryResult> {
+        query_sync(self, &env, sql, params)
+    }
+
+    /// SQLite: runs one statement for its effect on this connection on the calling thread.
+    #[napi(ts_args_type = "sql: string, params?: unknown[]")]
+    pub fn execute_sync(
+        &self,
+        env: Env,
+        sql: String,
+        params: Option<Unknown<'_>>,
+    ) -> napi::Result<ExecuteResult> {
+        execute_sync(self, &env, sql, params)
     }
 
     /// Redis: runs one command on this connection, e.g. `command('INCR', 'k')` (or with the

@@ -281,7 +281,7 @@
     const cancellation = linked && linked.cancellation
     let tx
     try {
-      tx = await acquire.call(this, bound(), cancellation).catch((err) => {
+      tx = await this._acquireForWrite(bound(), cancellation).catch((err) => {
         if (err && err.code === 'ABORT_ERR') err.cause = signal.reason
         throw err
       })

@@ -100,6 +100,8 @@ pub struct PoolRecorder {
     pub leaked_leases: Counter,
     /// Exceptions thrown by `listen()` callbacks.
     pub listener_errors: Counter,
+    /// Statements run on the calling thread (SQLite's cheap-statement path and `querySync`).
+    pub inline_statements: Counter,
     pub queries: Counter,
     pub acquire_latency: LatencyHistogram,
     pub usage_latency: LatencyHistogram,
@@ -126,6 +128,7 @@ impl PoolRecorder {
             destroyed: Counter::default(),
             leaked_leases: Counter::default(),
             listener_errors: Counter::default(),
+            inline_statements: Counter::default(),
             queries: Counter::default(),
             acquire_latency: LatencyHistogram::new(),
             usage_latency: LatencyHistogram::new(),

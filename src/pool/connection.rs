@@ -13,6 +13,7 @@ use crate::pool::bounds::Bounds;
 use crate::pool::cluster::ClusterConn;
 use crate::pool::postgres::wire::TxStatus;
 use crate::pool::postgres::PgConnection;
+use crate::pool::profile::Profiles;
 use crate::pool::redis::RedisConnection;
 use crate::pool::sqlite::SqliteConnection;
 use crate::pool::value::{ExecuteResult, QueryResult, Value};
@@ -137,6 +138,8 @@ pub struct Connection {
     /// PostgreSQL: the first failure inside the open transaction, for COMMIT's error.
     failed_in_transaction: Mutex<Option<Error>>,
     recorder: Arc<PoolRecorder>,
+    /// Where each statement's cost (and, SQLite, read-only-ness) is recorded.
+    profiles: Arc<Profiles>,
     /// Its place in the pool, freed when the connection is dropped.
     pub(crate) slot: Option<crate::pool::inventory::Slot>,
 }
@@ -146,6 +149,7 @@ impl Connection {
         backend: Backend,
         lifetime: Option<Duration>,
         recorder: Arc<PoolRecorder>,
+        profiles: Arc<Profiles>,
     ) -> Self {
         recorder.created.inc();
         let now = Instant::now();
@@ -159,6 +163,7 @@ impl Connection {
             broken: AtomicBool::new(false),
             failed_in_transaction: Mutex::new(None),
             recorder,
+            profiles,
             slot: None,
         }
     }
@@ -257,6 +262,28 @@ impl Connection {
         self.broken.store(true, Ordering::Relaxed);
     }
 
+    /// SQLite: runs `op` on the calling thread (see [`SqliteConnection::run_now`]). `None`
+    /// when `limit` cut it off (no effect; run it elsewhere) or it is not a SQL statement.
+    pub(crate) fn run_now(
+        &self,
+        op: &Operation<'_>,
+        limit: Option<Duration>,
+    ) -> Option<Result<Outcome>> {
+        let Backend::Sqlite(s) = &self.backend else {
+            return None;
+        };
+        let (sql, params, query) = match *op {
+            Operation::Query(sql, params) => (sql, params, true),
+            Operation::Execute(sql, params) => (sql, params, false),
+            _ => return None,
+        };
+        forced_panic(op);
+        let started = Instant::now();
+        let outcome = s.run_now(sql, params, query, limit)?;
+        self.after_statement(sql, started, &outcome);
+        Some(outcome)
+    }
+
     /// SQLite: the rows of `sql` in batches, read only as they are taken.
     pub(crate) fn sqlite_stream(
         &self,
@@ -303,8 +330,16 @@ impl Connection {
     }
 
     fn after_statement<T>(&self, sql: &str, started: Instant, result: &Result<T>) {
+        let took = started.elapsed();
         self.recorder.queries.inc();
-        self.recorder.query_latency.record(started.elapsed());
+        self.recorder.query_latency.record(took);
+        if result.is_ok() {
+            let read_only = match &self.backend {
+                Backend::Sqlite(s) => s.last_read_only(),
+                _ => None,
+            };
+            self.profiles.observe(sql, took, read_only);
+        }
         if changes_session(sql) {
             self.session_dirty.store(true, Ordering::Relaxed);
         }

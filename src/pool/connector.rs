@@ -12,6 +12,7 @@ use crate::pool::config::{PoolConfig, Target};
 use crate::pool::connection::{Backend, Connection};
 use crate::pool::listen::Session;
 use crate::pool::postgres::listen::PgSession;
+use crate::pool::profile::Profiles;
 use crate::pool::sqlite::SqliteTarget;
 use crate::pool::{cluster, postgres, redis, sqlite};
 
@@ -28,6 +29,7 @@ enum Dial {
 pub(crate) struct Connector {
     config: Arc<PoolConfig>,
     recorder: Arc<PoolRecorder>,
+    profiles: Arc<Profiles>,
     dial: Dial,
 }
 
@@ -36,6 +38,7 @@ impl Connector {
         config: Arc<PoolConfig>,
         recorder: Arc<PoolRecorder>,
         sqlite_memory: Option<SqliteTarget>,
+        profiles: Arc<Profiles>,
     ) -> Result<Connector> {
         let dial = match &config.target {
             Target::Postgres { url } => {
@@ -63,6 +66,7 @@ impl Connector {
         Ok(Connector {
             config,
             recorder,
+            profiles,
             dial,
         })
     }
@@ -101,6 +105,7 @@ impl Connector {
                 b,
                 self.lifetime(),
                 Arc::clone(&self.recorder),
+                Arc::clone(&self.profiles),
             )),
             Err(e) => {
                 self.recorder.errors_connect.inc();
@@ -112,7 +117,9 @@ impl Connector {
     /// Opens the pool's listening connection (outside `maxSize`).
     pub async fn open_session(&self, timeout: Duration) -> Result<Session> {
         match &self.dial {
-            Dial::Postgres(pg) => PgSession::open(pg, timeout).await.map(Session::Postgres),
+            Dial::Postgres(pg) => PgSession::open(pg, timeout)
+                .await
+                .map(|s| Session::Postgres(Box::new(s))),
             Dial::Redis(client) => {
                 let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
                     .await

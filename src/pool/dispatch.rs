@@ -12,7 +12,7 @@ use futures::FutureExt;
 
 use crate::error::{Error, ErrorCode, Phase, Result};
 use crate::pool::connection::{Outcome, Statement};
-use crate::pool::{Bounds, Pool, PoolShared, Waiting};
+use crate::pool::{Bounds, LaneKind, Pool, PoolShared, Waiting};
 
 /// Called once with the statement's outcome, on a runtime thread.
 pub type Done = Box<dyn FnOnce(Result<Outcome>) + Send>;
@@ -53,7 +53,15 @@ impl Pool {
                 .error(fired, "before it was sent")
                 .with_sent(false)));
         }
-        if !statement.can_pipeline() || bounds.is_set() {
+        // Slow statements (by their record) run alone too: never at the head of a pipeline
+        // that fast statements join.
+        let slow = match &statement {
+            Statement::Query(sql, _) | Statement::Execute(sql, _) => {
+                s.profiles.get(sql).is_some_and(|p| p.is_slow())
+            }
+            _ => false,
+        };
+        if !statement.can_pipeline() || bounds.is_set() || slow {
             let pool = self.clone();
             let pending = Pending::new(done);
             s.runtime.spawn(async move {
@@ -61,8 +69,10 @@ impl Pool {
             });
             return;
         }
-        let occupancy = s.inventory.occupancy();
-        let mut queue = s.queue.lock();
+        let kind = s.lane_for(&statement.borrow());
+        let lane = s.lane(kind);
+        let occupancy = lane.inventory.occupancy();
+        let mut queue = lane.queue.lock();
         if self.queue_full(queue.jobs.len(), &occupancy) {
             drop(queue);
             s.recorder.gets.inc();
@@ -83,10 +93,10 @@ impl Pool {
         queue.reaper = true;
         drop(queue);
         if start_dispatcher {
-            s.runtime.spawn(dispatch(self.clone()));
+            s.runtime.spawn(dispatch(self.clone(), kind));
         }
         if start_reaper {
-            s.runtime.spawn(reap(Arc::downgrade(&self.shared)));
+            s.runtime.spawn(reap(Arc::downgrade(&self.shared), kind));
         }
     }
 
@@ -102,42 +112,47 @@ impl Pool {
     }
 }
 
-/// One dispatcher's claim on the queue; given up when it ends, even by a panic.
+/// One dispatcher's claim on its lane's queue; given up when it ends, even by a panic.
 struct Dispatcher<'a> {
     pool: &'a Pool,
+    kind: LaneKind,
 }
 
 impl Drop for Dispatcher<'_> {
     fn drop(&mut self) {
-        let mut queue = self.pool.shared.queue.lock();
+        let mut queue = self.pool.shared.lane(self.kind).queue.lock();
         queue.dispatchers -= 1;
         let orphaned = !queue.jobs.is_empty() && queue.dispatchers == 0;
         if orphaned {
             // A dispatcher that panicked leaves work behind: hand it to a new one.
             queue.dispatchers += 1;
             drop(queue);
-            self.pool.shared.runtime.spawn(dispatch(self.pool.clone()));
+            self.pool
+                .shared
+                .runtime
+                .spawn(dispatch(self.pool.clone(), self.kind));
         }
     }
 }
 
-/// Takes batches off the queue until it is empty.
-async fn dispatch(pool: Pool) {
-    let _claim = Dispatcher { pool: &pool };
+/// Takes batches off the lane's queue until it is empty.
+async fn dispatch(pool: Pool, kind: LaneKind) {
+    let _claim = Dispatcher { pool: &pool, kind };
     loop {
         let (batch, waiting): (Vec<Job>, Waiting<'_>) = {
-            let mut queue = pool.shared.queue.lock();
+            let lane = pool.shared.lane(kind);
+            let mut queue = lane.queue.lock();
             if queue.jobs.is_empty() {
                 return;
             }
-            // Spread the queue over every connection the pool may open.
-            let connections = pool.shared.inventory.occupancy().max_size.max(1);
+            // Spread the queue over every connection the lane may open.
+            let connections = lane.inventory.occupancy().max_size.max(1);
             let take = queue.jobs.len().div_ceil(connections).clamp(1, MAX_BATCH);
             // Counted as waiting before the queue lock is let go: `maxWaiting` must never
             // see a statement in neither the queue nor the waiters.
             (queue.jobs.drain(..take).collect(), pool.waiting(take))
         };
-        serve(&pool, batch, waiting).await;
+        serve(&pool, kind, batch, waiting).await;
     }
 }
 
@@ -167,7 +182,7 @@ impl Drop for Pending {
     }
 }
 
-async fn serve(pool: &Pool, batch: Vec<Job>, waiting: Waiting<'_>) {
+async fn serve(pool: &Pool, kind: LaneKind, batch: Vec<Job>, waiting: Waiting<'_>) {
     let s = &pool.shared;
     let n = batch.len() as u64;
     s.recorder.gets.add(n);
@@ -178,7 +193,8 @@ async fn serve(pool: &Pool, batch: Vec<Job>, waiting: Waiting<'_>) {
         .into_iter()
         .map(|j| (j.statement, Pending::new(j.done)))
         .unzip();
-    let checkout = Box::pin(pool.checkout(oldest, oldest + s.config.acquire_timeout, None)).await;
+    let checkout =
+        Box::pin(pool.checkout(kind, oldest, oldest + s.config.acquire_timeout, None)).await;
     drop(waiting);
     let lease = match checkout {
         Ok(lease) => lease,
@@ -248,7 +264,7 @@ fn count_failure(pool: &Pool, err: &Error) {
 }
 
 /// Fails queued statements whose `acquireTimeoutMs` ran out before a connection was free.
-async fn reap(shared: Weak<PoolShared>) {
+async fn reap(shared: Weak<PoolShared>, kind: LaneKind) {
     let tick = match shared.upgrade() {
         Some(s) => (s.config.acquire_timeout / 8)
             .clamp(Duration::from_millis(5), Duration::from_millis(250)),
@@ -262,7 +278,7 @@ async fn reap(shared: Weak<PoolShared>) {
         let pool = Pool { shared };
         let now = Instant::now();
         let expired: Vec<Job> = {
-            let mut queue = pool.shared.queue.lock();
+            let mut queue = pool.shared.lane(kind).queue.lock();
             if queue.jobs.is_empty() {
                 queue.reaper = false;
                 return;
@@ -277,7 +293,7 @@ async fn reap(shared: Weak<PoolShared>) {
         };
         for job in expired {
             pool.shared.recorder.gets.inc();
-            (job.done)(Err(pool.timeout_error(Phase::Wait)));
+            (job.done)(Err(pool.timeout_error(kind, Phase::Wait)));
         }
     }
 }

@@ -55,7 +55,7 @@ struct State {
 }
 
 /// Connection counts right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Occupancy {
     pub max_size: usize,
     pub open: usize,
@@ -70,19 +70,24 @@ pub(crate) struct Inventory {
     /// [`Slot`] as it is dropped, wherever that happens.
     open: Arc<AtomicUsize>,
     /// Open connections per server (`host:port`), for status.
-    hosts: Arc<Mutex<HashMap<Arc<str>, usize>>>,
-    connector: Connector,
+    hosts: Arc<HostCounts>,
+    connector: Arc<Connector>,
     config: Arc<PoolConfig>,
+    /// Connections kept open even when idle (`minIdle`, this set's share of it).
+    min_idle: usize,
     recorder: Arc<PoolRecorder>,
     runtime: Handle,
 }
+
+/// Open connections per server (`host:port`).
+type HostCounts = Mutex<HashMap<Arc<str>, usize>>;
 
 /// A connection's place in its pool: dropping the connection, anywhere, frees the place
 /// and lets a waiter have a new connection opened.
 pub(crate) struct Slot {
     open: Arc<AtomicUsize>,
     /// The server it reached, counted in [`Inventory::hosts`].
-    host: Option<(Arc<str>, Arc<Mutex<HashMap<Arc<str>, usize>>>)>,
+    host: Option<(Arc<str>, Arc<HostCounts>)>,
     inventory: Weak<Inventory>,
 }
 
@@ -127,10 +132,12 @@ impl Drop for Queued<'_> {
 
 impl Inventory {
     pub fn new(
-        connector: Connector,
+        connector: Arc<Connector>,
         config: Arc<PoolConfig>,
         recorder: Arc<PoolRecorder>,
         runtime: Handle,
+        max_size: usize,
+        min_idle: usize,
     ) -> Arc<Inventory> {
         Arc::new(Inventory {
             open: Arc::new(AtomicUsize::new(0)),
@@ -139,7 +146,7 @@ impl Inventory {
                 idle: Vec::new(),
                 opening: 0,
                 checking: 0,
-                max_size: config.max_size,
+                max_size,
                 waiters: VecDeque::new(),
                 next_id: 0,
                 closed: false,
@@ -148,6 +155,7 @@ impl Inventory {
             }),
             connector,
             config,
+            min_idle,
             recorder,
             runtime,
         })
@@ -314,7 +322,7 @@ impl Inventory {
                 };
                 allowed.min(s.waiters.len())
             }
-            None if open + s.opening < self.config.min_idle => 1,
+            None if open + s.opening < self.min_idle => 1,
             None => 0,
         };
         wanted.saturating_sub(s.opening).min(free)
@@ -372,7 +380,7 @@ impl Inventory {
         s.last_error = Some(err.clone());
         let open = self.open();
         let still_wanted =
-            !s.closed && (!s.waiters.is_empty() || open + s.opening <= self.config.min_idle);
+            !s.closed && (!s.waiters.is_empty() || open + s.opening <= self.min_idle);
         if !permanent && still_wanted {
             return true;
         }
@@ -442,9 +450,10 @@ impl Inventory {
         .with_phase(phase)
     }
 
-    /// Closes idle connections for which `retire` says so, keeping `keep` open at least.
-    /// Returns how many were closed.
-    pub fn retire(&self, keep: usize, retire: impl Fn(&Connection) -> bool) -> usize {
+    /// Closes idle connections for which `retire` says so, keeping `minIdle` open at least
+    /// (always those past their lifetime or unusable). Returns how many were closed.
+    pub fn retire(&self, retire: impl Fn(&Connection) -> bool) -> usize {
+        let keep = self.min_idle;
         let removed: Vec<Box<Connection>> = {
             let mut s = self.state.lock();
             let mut open = self.open();

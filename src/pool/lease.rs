@@ -13,7 +13,8 @@ use crate::metrics::LiveToken;
 use crate::pool::bounds::Bounds;
 use crate::pool::connection::{Connection, Operation, Outcome, Statement};
 use crate::pool::dispatch::{Done, Pending};
-use crate::pool::{PoolShared, Retries};
+use crate::pool::profile::{Profiles, INLINE_LIMIT};
+use crate::pool::{LaneKind, PoolShared, Retries};
 
 /// How long a returned connection may take to roll back before it is closed instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -21,6 +22,8 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Lease {
     conn: Option<Box<Connection>>,
     shared: Arc<PoolShared>,
+    /// The lane whose connections it came from (and goes back to).
+    kind: LaneKind,
     acquired: Instant,
     /// Nothing has run on it yet, so nothing can be lost by moving it to another connection.
     fresh: bool,
@@ -33,11 +36,13 @@ impl Lease {
     pub(crate) fn new(
         conn: Box<Connection>,
         shared: Arc<PoolShared>,
+        kind: LaneKind,
         tracking: Option<LiveToken>,
     ) -> Lease {
         Lease {
             conn: Some(conn),
             shared,
+            kind,
             acquired: Instant::now(),
             fresh: true,
             lost: false,
@@ -68,11 +73,12 @@ impl Lease {
             let result = Box::pin(self.connection()?.run_within(op, bounds)).await;
             match result {
                 Err(e) if e.never_sent() && self.fresh && retry.again() => {
+                    let inventory = Arc::clone(&self.shared.lane(self.kind).inventory);
                     if let Some(dead) = self.conn.take() {
-                        self.shared.inventory.discard(dead);
+                        inventory.discard(dead);
                     }
                     let deadline = Instant::now() + self.shared.config.acquire_timeout;
-                    match Box::pin(self.shared.inventory.checkout(deadline)).await {
+                    match Box::pin(inventory.checkout(deadline)).await {
                         Ok(conn) => self.conn = Some(conn),
                         Err(replacement) => {
                             self.lost = true;
@@ -90,6 +96,11 @@ impl Lease {
 
     pub fn is_released(&self) -> bool {
         self.conn.is_none() && !self.lost
+    }
+
+    /// The pool's statement costs (for the calling-thread path).
+    pub fn profiles(&self) -> Arc<Profiles> {
+        Arc::clone(&self.shared.profiles)
     }
 
     /// How long this lease has been held.
@@ -118,7 +129,7 @@ impl Lease {
         if leaked {
             recorder.leaked_leases.inc();
         }
-        let inventory = Arc::clone(&self.shared.inventory);
+        let inventory = Arc::clone(&self.shared.lane(self.kind).inventory);
         // Dropped while unwinding a panic: the statement may be half done.
         if conn.is_unusable() || std::thread::panicking() {
             inventory.discard(conn);
@@ -225,6 +236,66 @@ impl OrderedLease {
             .queue
             .push_back(Work::ResetSession(Pending::new(done)));
         self.ensure_running(&mut state);
+    }
+
+    /// SQLite: runs a cheap read-only statement on the calling thread when nothing is queued
+    /// on this lease (an interrupt would roll back a write's whole transaction, so writes
+    /// always take the queue). `None`: use [`submit`](Self::submit).
+    pub fn try_inline(
+        &self,
+        statement: &Statement,
+        profiles: &Profiles,
+    ) -> Option<Result<Outcome>> {
+        let (Statement::Query(sql, _) | Statement::Execute(sql, _)) = statement else {
+            return None;
+        };
+        let profile = profiles.get(sql)?;
+        if !profile.is_cheap() || profile.read_only != Some(true) {
+            return None;
+        }
+        let state = self.state.lock();
+        if state.released || state.running || !state.queue.is_empty() {
+            return None;
+        }
+        let lease = self.lease.try_lock().ok()?;
+        drop(state);
+        let outcome = lease
+            .connection()
+            .ok()?
+            .run_now(&statement.borrow(), Some(INLINE_LIMIT));
+        match &outcome {
+            Some(_) => lease.shared.recorder.inline_statements.inc(),
+            None => profiles.mark_slow(sql, INLINE_LIMIT),
+        }
+        outcome
+    }
+
+    /// SQLite: runs a statement on the calling thread (`querySync` on a lease). Statements
+    /// issued before it without awaiting must have finished first.
+    pub fn run_sync(&self, statement: &Statement) -> Result<Outcome> {
+        let state = self.state.lock();
+        if state.released {
+            return Err(Error::new(
+                ErrorCode::PoolClosed,
+                "this connection was already released to its pool",
+            ));
+        }
+        if state.running || !state.queue.is_empty() {
+            return Err(Error::invalid_argument(
+                "statements issued on this lease are still running: await them before querySync/executeSync",
+            ));
+        }
+        let lease = self.lease.try_lock().map_err(|_| {
+            Error::invalid_argument("this lease is busy: await its statements before querySync")
+        })?;
+        drop(state);
+        let conn = lease.connection()?;
+        if conn.backend_name() != "sqlite" {
+            return Err(crate::pool::sync_needs_sqlite(conn.backend_name()));
+        }
+        lease.shared.recorder.inline_statements.inc();
+        conn.run_now(&statement.borrow(), None)
+            .unwrap_or_else(|| Err(Error::internal("statement was not run")))
     }
 
     /// Bounds every statement run on this lease from now on (a transaction's deadline).

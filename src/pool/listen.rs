@@ -67,7 +67,7 @@ pub struct Hub {
 
 /// An open listening connection.
 pub enum Session {
-    Postgres(PgSession),
+    Postgres(Box<PgSession>),
     Redis {
         sink: redis::aio::PubSubSink,
         stream: redis::aio::PubSubStream,
@@ -324,7 +324,7 @@ impl Hub {
             let Some(pool) = self.pool.upgrade() else {
                 return;
             };
-            let opened = pool
+            let opened = pool.lanes()[0]
                 .inventory
                 .connector()
                 .open_session(pool.config.connect_timeout)

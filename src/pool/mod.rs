@@ -14,6 +14,7 @@ pub mod inventory;
 pub mod lease;
 pub mod listen;
 pub mod postgres;
+pub mod profile;
 pub mod redis;
 pub mod socket;
 pub mod sqlite;
@@ -53,7 +54,7 @@ impl Retries {
     pub(crate) fn new(shared: &PoolShared) -> Retries {
         Retries {
             deadline: Instant::now() + shared.config.acquire_timeout,
-            left: shared.inventory.occupancy().max_size + 2,
+            left: shared.config.max_size + 2,
         }
     }
 
@@ -66,9 +67,28 @@ impl Retries {
     }
 }
 
+/// Which connections a call uses. A SQLite pool (of more than one connection) has two
+/// lanes: the one writer connection, for writes, leases and transactions, and the others
+/// for reads, so under WAL writers never wait in SQLite's busy handler. Every other pool has
+/// one lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LaneKind {
+    Main,
+    Writer,
+}
+
+/// A set of connections and the queue of statements that feeds them.
+pub(crate) struct Lane {
+    pub(crate) inventory: Arc<Inventory>,
+    /// Statements queued by `submit`, served in batches by dispatcher tasks.
+    pub(crate) queue: Mutex<dispatch::Queue>,
+}
+
 /// State shared by the pool and every lease it hands out.
 pub(crate) struct PoolShared {
-    pub(crate) inventory: Arc<Inventory>,
+    lanes: Vec<Lane>,
+    /// What each statement has cost, for dispatch.
+    pub(crate) profiles: Arc<profile::Profiles>,
     pub(crate) config: Arc<PoolConfig>,
     pub(crate) recorder: Arc<PoolRecorder>,
     registry: Arc<Registry>,
@@ -76,8 +96,6 @@ pub(crate) struct PoolShared {
     waiters: AtomicUsize,
     peak_in_use: AtomicUsize,
     pub(crate) runtime: Handle,
-    /// Statements queued by `submit`, served in batches by dispatcher tasks.
-    queue: Mutex<dispatch::Queue>,
     /// The listening connection (LISTEN / SUBSCRIBE), started by the first `listen`.
     hub: std::sync::OnceLock<Arc<listen::Hub>>,
     /// Keeps a `sqlite::memory:` database alive while the pool lives.
@@ -88,6 +106,52 @@ impl PoolShared {
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
+
+    pub(crate) fn lane(&self, kind: LaneKind) -> &Lane {
+        match kind {
+            LaneKind::Writer if self.lanes.len() > 1 => &self.lanes[1],
+            _ => &self.lanes[0],
+        }
+    }
+
+    pub(crate) fn lanes(&self) -> &[Lane] {
+        &self.lanes
+    }
+
+    /// Where a statement goes: on a split SQLite pool, reads known to be read-only to the
+    /// readers and everything else (writes, the unknown) to the writer.
+    pub(crate) fn lane_for(&self, op: &Operation<'_>) -> LaneKind {
+        if self.lanes.len() == 1 {
+            return LaneKind::Main;
+        }
+        match op {
+            Operation::Query(sql, _) | Operation::Execute(sql, _)
+                if self
+                    .profiles
+                    .get(sql)
+                    .is_some_and(|p| p.read_only == Some(true)) =>
+            {
+                LaneKind::Main
+            }
+            _ => LaneKind::Writer,
+        }
+    }
+
+    /// Transactions (and anything else that will write): the writer on a split SQLite pool
+    /// (SQLite has one writer). A plain lease takes a reader connection.
+    pub(crate) fn write_lane(&self) -> LaneKind {
+        if self.lanes.len() > 1 {
+            LaneKind::Writer
+        } else {
+            LaneKind::Main
+        }
+    }
+}
+
+pub(crate) fn sync_needs_sqlite(backend: &str) -> Error {
+    Error::invalid_argument(format!(
+        "querySync/executeSync are for SQLite pools (this pool is {backend}): a network round trip would block the event loop; use query/execute"
+    ))
 }
 
 /// Callers counted as waiting for a connection; uncounted on drop.
@@ -122,15 +186,40 @@ impl Pool {
             }
             _ => (None, None),
         };
-        let connector = Connector::new(Arc::clone(&config), Arc::clone(&recorder), memory)?;
-        let inventory = Inventory::new(
-            connector,
+        let profiles = profile::Profiles::new();
+        let connector = Arc::new(Connector::new(
             Arc::clone(&config),
             Arc::clone(&recorder),
-            runtime.clone(),
-        );
+            memory,
+            Arc::clone(&profiles),
+        )?);
+        // SQLite: one writer connection, the rest readers.
+        let split = config.target.backend() == "sqlite" && config.max_size > 1;
+        let sizes: Vec<(usize, usize)> = if split {
+            vec![
+                (config.max_size - 1, config.min_idle.saturating_sub(1)),
+                (1, config.min_idle.min(1)),
+            ]
+        } else {
+            vec![(config.max_size, config.min_idle)]
+        };
+        let lanes = sizes
+            .into_iter()
+            .map(|(max_size, min_idle)| Lane {
+                inventory: Inventory::new(
+                    Arc::clone(&connector),
+                    Arc::clone(&config),
+                    Arc::clone(&recorder),
+                    runtime.clone(),
+                    max_size,
+                    min_idle,
+                ),
+                queue: Mutex::new(dispatch::Queue::default()),
+            })
+            .collect();
         let shared = Arc::new(PoolShared {
-            inventory,
+            lanes,
+            profiles,
             config,
             recorder: Arc::clone(&recorder),
             registry,
@@ -138,7 +227,6 @@ impl Pool {
             waiters: AtomicUsize::new(0),
             peak_in_use: AtomicUsize::new(0),
             runtime: runtime.clone(),
-            queue: Mutex::new(dispatch::Queue::default()),
             hub: std::sync::OnceLock::new(),
             _memory_anchor: Mutex::new(anchor),
         });
@@ -167,6 +255,7 @@ impl Pool {
     /// True when a new caller would wait behind `maxWaiting` others. Callers that a free
     /// slot will serve (a connection still to be opened) are not counted as waiting.
     pub(crate) fn queue_full(&self, queued: usize, occ: &inventory::Occupancy) -> bool {
+        // `waiters` counts every lane's; fine as a bound on the whole pool's queue.
         let s = &self.shared;
         if occ.idle > 0 {
             return false;
@@ -184,20 +273,56 @@ impl Pool {
 
     /// Checks out a connection within `acquireTimeoutMs` (wait + connect + validate).
     /// `stack` is the caller's stack, kept for the leak report when leak detection is on.
+    /// On a split SQLite pool a lease is a reader connection (writes on it wait for the
+    /// writer's lock); `transaction()` leases the writer ([`acquire_for_write`]).
+    ///
+    /// [`acquire_for_write`]: Self::acquire_for_write
     pub async fn acquire(&self, stack: Option<String>) -> Result<Lease> {
+        if let Some(lease) = self.take_writer_when_readers_are_busy(&stack) {
+            return Ok(lease);
+        }
+        self.acquire_in(LaneKind::Main, stack).await
+    }
+
+    /// A split SQLite pool lends its writer as a lease only when every reader is taken, so
+    /// `maxSize` leases can be out at once.
+    fn take_writer_when_readers_are_busy(&self, stack: &Option<String>) -> Option<Lease> {
+        let s = &self.shared;
+        if s.lanes.len() < 2 || self.is_closed() {
+            return None;
+        }
+        let readers = s.lanes[0].inventory.occupancy();
+        if readers.idle > 0 || readers.open + readers.opening < readers.max_size {
+            return None;
+        }
+        let started = Instant::now();
+        // A local SQLite connection needs no validation ping.
+        let conn = self.idle_connection(LaneKind::Writer, false)?;
+        s.recorder.gets.inc();
+        Some(self.lease(LaneKind::Writer, conn, started, stack.clone()))
+    }
+
+    /// A lease of the connection writes go through (the writer on a split SQLite pool).
+    pub async fn acquire_for_write(&self, stack: Option<String>, bounds: &Bounds) -> Result<Lease> {
+        self.acquire_within_lane(self.shared.write_lane(), stack, bounds)
+            .await
+    }
+
+    pub(crate) async fn acquire_in(&self, kind: LaneKind, stack: Option<String>) -> Result<Lease> {
         if self.is_closed() {
             return Err(self.closed_error());
         }
         let s = &self.shared;
+        let lane = s.lane(kind);
         s.recorder.gets.inc();
         let started = Instant::now();
-        let queued = s.queue.lock().len();
-        if self.queue_full(queued, &s.inventory.occupancy()) {
+        let queued = lane.queue.lock().len();
+        if self.queue_full(queued, &lane.inventory.occupancy()) {
             s.recorder.rejected.inc();
             return Err(self.exhausted_error());
         }
         let _waiting = self.waiting(1);
-        self.checkout(started, started + s.config.acquire_timeout, stack)
+        self.checkout(kind, started, started + s.config.acquire_timeout, stack)
             .await
     }
 
@@ -215,12 +340,14 @@ impl Pool {
     /// Counts one successful get (or one timeout); the caller counts the attempt.
     async fn checkout(
         &self,
+        kind: LaneKind,
         started: Instant,
         deadline: Instant,
         stack: Option<String>,
     ) -> Result<Lease> {
-        let conn = Box::pin(self.shared.inventory.checkout(deadline)).await?;
-        Ok(self.lease(conn, started, stack))
+        let inventory = &self.shared.lane(kind).inventory;
+        let conn = Box::pin(inventory.checkout(deadline)).await?;
+        Ok(self.lease(kind, conn, started, stack))
     }
 
     /// A connection that is idle right now, or `None`; never waits, connects or pings.
@@ -239,24 +366,46 @@ impl Pool {
             return Err(self.closed_error());
         }
         let s = &self.shared;
+        if let Some(lease) = self.take_writer_when_readers_are_busy(&stack) {
+            return Ok(Some(lease));
+        }
+        let kind = LaneKind::Main;
         let started = Instant::now();
-        let Some(conn) = s.inventory.take_idle() else {
+        let Some(conn) = self.idle_connection(kind, recently_used) else {
             return Ok(None);
         };
-        if recently_used && conn.last_checked.elapsed() >= VALIDATION_GRACE {
-            // Idle too long to hand out unchecked: back untouched, for a validated checkout.
-            s.inventory.give_back(conn);
-            return Ok(None);
-        }
         s.recorder.gets.inc();
-        Ok(Some(self.lease(conn, started, stack)))
+        Ok(Some(self.lease(kind, conn, started, stack)))
     }
 
-    fn lease(&self, conn: Box<Connection>, started: Instant, stack: Option<String>) -> Lease {
+    /// An idle connection of `kind` right now; with `recently_used`, only one that needs no
+    /// validation ping. Never waits.
+    pub(crate) fn idle_connection(
+        &self,
+        kind: LaneKind,
+        recently_used: bool,
+    ) -> Option<Box<Connection>> {
+        let inventory = &self.shared.lane(kind).inventory;
+        let conn = inventory.take_idle()?;
+        if recently_used && conn.last_checked.elapsed() >= VALIDATION_GRACE {
+            // Idle too long to hand out unchecked: back untouched, for a validated checkout.
+            inventory.give_back(conn);
+            return None;
+        }
+        Some(conn)
+    }
+
+    fn lease(
+        &self,
+        kind: LaneKind,
+        conn: Box<Connection>,
+        started: Instant,
+        stack: Option<String>,
+    ) -> Lease {
         let s = &self.shared;
         s.recorder.successful_gets.inc();
         s.recorder.acquire_latency.record(started.elapsed());
-        let occ = s.inventory.occupancy();
+        let occ = s.lane(kind).inventory.occupancy();
         s.peak_in_use
             .fetch_max(occ.open.saturating_sub(occ.idle), Ordering::Relaxed);
         let tracking = (!s.config.leak_detection.is_zero()).then(|| {
@@ -268,11 +417,11 @@ impl Pool {
                 stack,
             })
         });
-        Lease::new(conn, Arc::clone(s), tracking)
+        Lease::new(conn, Arc::clone(s), kind, tracking)
     }
 
-    pub(crate) fn timeout_error(&self, phase: Phase) -> Error {
-        self.shared.inventory.timeout(phase)
+    pub(crate) fn timeout_error(&self, kind: LaneKind, phase: Phase) -> Error {
+        self.shared.lane(kind).inventory.timeout(phase)
     }
 
     /// Checks out a connection, runs one operation and returns the connection. A statement
@@ -285,8 +434,9 @@ impl Pool {
     /// [`run`](Self::run) within `bounds`: the wait for a connection and the statement.
     pub async fn run_within(&self, op: &Operation<'_>, bounds: &Bounds) -> Result<Outcome> {
         let mut retry = self.never_sent_retries();
+        let kind = self.shared.lane_for(op);
         loop {
-            let lease = self.acquire_within(None, bounds).await?;
+            let lease = self.acquire_within_lane(kind, None, bounds).await?;
             let result = Box::pin(lease.connection()?.run_within(op, bounds)).await;
             match result {
                 // Each try discards one dead connection; after a server restart every idle
@@ -304,13 +454,26 @@ impl Pool {
     /// [`acquire`](Self::acquire) that gives up when `bounds` fire: the waiter leaves the
     /// queue and nothing is sent.
     pub async fn acquire_within(&self, stack: Option<String>, bounds: &Bounds) -> Result<Lease> {
+        self.acquire_within_lane(LaneKind::Main, stack, bounds)
+            .await
+    }
+
+    pub(crate) async fn acquire_within_lane(
+        &self,
+        kind: LaneKind,
+        stack: Option<String>,
+        bounds: &Bounds,
+    ) -> Result<Lease> {
         if !bounds.is_set() {
-            return self.acquire(stack).await;
+            if kind == LaneKind::Main {
+                return self.acquire(stack).await;
+            }
+            return self.acquire_in(kind, stack).await;
         }
         if let Some(fired) = bounds.check() {
             return Err(bounds.error(fired, "before it was sent").with_sent(false));
         }
-        let acquire = Box::pin(self.acquire(stack));
+        let acquire = Box::pin(self.acquire_in(kind, stack));
         tokio::select! {
             biased;
             lease = acquire => lease,
@@ -318,6 +481,90 @@ impl Pool {
                 .error(fired, "waiting for a connection; it was never sent")
                 .with_sent(false)),
         }
+    }
+
+    /// SQLite: runs a statement known to be cheap on the calling thread, on a connection
+    /// idle right now, when nothing is queued ahead of it — no thread hop. Cut off at
+    /// [`profile::INLINE_LIMIT`] (and then marked too slow for this path). `None`: use the
+    /// queue.
+    pub fn try_inline(&self, statement: &Statement) -> Option<Result<Outcome>> {
+        let s = &self.shared;
+        if self.is_closed() || s.config.target.backend() != "sqlite" || !statement.can_pipeline() {
+            return None;
+        }
+        let (Statement::Query(sql, _) | Statement::Execute(sql, _)) = statement else {
+            return None;
+        };
+        if !s.profiles.get(sql)?.is_cheap() {
+            return None;
+        }
+        let op = statement.borrow();
+        let kind = s.lane_for(&op);
+        if s.lane(kind).queue.lock().len() > 0 {
+            return None;
+        }
+        let conn = self.idle_connection(kind, true)?;
+        let outcome = conn.run_now(&op, Some(profile::INLINE_LIMIT));
+        self.give_back(kind, conn);
+        match outcome {
+            Some(done) => {
+                s.recorder.gets.inc();
+                s.recorder.successful_gets.inc();
+                s.recorder.inline_statements.inc();
+                Some(done)
+            }
+            None => {
+                s.profiles.mark_slow(sql, profile::INLINE_LIMIT);
+                None
+            }
+        }
+    }
+
+    /// SQLite: runs a statement on the calling thread and returns its outcome
+    /// (`querySync` / `executeSync`). Waits at most `acquireTimeoutMs` for a connection.
+    pub fn run_sync(&self, statement: &Statement) -> Result<Outcome> {
+        let s = &self.shared;
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        if s.config.target.backend() != "sqlite" {
+            return Err(sync_needs_sqlite(s.config.target.backend()));
+        }
+        let op = statement.borrow();
+        let kind = if statement.can_pipeline() {
+            s.lane_for(&op)
+        } else {
+            s.write_lane()
+        };
+        s.recorder.gets.inc();
+        let conn = match self.idle_connection(kind, false) {
+            Some(conn) => conn,
+            None => {
+                // Connections come back from the runtime's threads; none needs this thread.
+                let _runtime = s.runtime.enter();
+                let deadline = Instant::now() + s.config.acquire_timeout;
+                futures::executor::block_on(s.lane(kind).inventory.checkout(deadline))?
+            }
+        };
+        s.recorder.successful_gets.inc();
+        let outcome = conn
+            .run_now(&op, None)
+            .unwrap_or_else(|| Err(Error::internal("statement was not run")));
+        self.give_back(kind, conn);
+        s.recorder.inline_statements.inc();
+        outcome
+    }
+
+    /// Returns a connection taken outside a lease (the calling-thread paths).
+    fn give_back(&self, kind: LaneKind, mut conn: Box<Connection>) {
+        let inventory = &self.shared.lane(kind).inventory;
+        if conn.is_unusable() || conn.needs_reset() {
+            inventory.discard(conn);
+            return;
+        }
+        conn.last_returned = Instant::now();
+        conn.last_checked = conn.last_returned;
+        inventory.give_back(conn);
     }
 
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
@@ -333,8 +580,26 @@ impl Pool {
         }
     }
 
+    /// Every lane's connections added up.
+    fn occupancy(&self) -> inventory::Occupancy {
+        let mut total = inventory::Occupancy::default();
+        for lane in &self.shared.lanes {
+            let o = lane.inventory.occupancy();
+            total.max_size += o.max_size;
+            total.open += o.open;
+            total.idle += o.idle;
+            total.opening += o.opening;
+            total.waiters += o.waiters;
+        }
+        total
+    }
+
+    fn queued(&self) -> usize {
+        self.shared.lanes.iter().map(|l| l.queue.lock().len()).sum()
+    }
+
     fn gauges(&self) -> PoolGauges {
-        let occ = self.shared.inventory.occupancy();
+        let occ = self.occupancy();
         PoolGauges {
             max_size: if self.is_closed() {
                 0
@@ -344,8 +609,7 @@ impl Pool {
             size: occ.open as u64,
             idle: occ.idle as u64,
             in_use: occ.open.saturating_sub(occ.idle) as u64,
-            waiting: (self.shared.waiters.load(Ordering::Relaxed) + self.shared.queue.lock().len())
-                as u64,
+            waiting: (self.shared.waiters.load(Ordering::Relaxed) + self.queued()) as u64,
         }
     }
 
@@ -357,7 +621,7 @@ impl Pool {
             idle: g.idle,
             in_use: g.in_use,
             waiting: g.waiting,
-            hosts: self.shared.inventory.hosts(),
+            hosts: self.shared.lanes[0].inventory.hosts(),
         }
     }
 
@@ -399,7 +663,11 @@ impl Pool {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        self.shared.inventory.resize(max_size);
+        match self.shared.lanes.as_slice() {
+            // A split SQLite pool keeps its one writer; the readers take the rest.
+            [readers, _writer] => readers.inventory.resize(max_size.saturating_sub(1).max(1)),
+            lanes => lanes[0].inventory.resize(max_size),
+        }
         Ok(())
     }
 
@@ -422,7 +690,9 @@ impl Pool {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.shared.inventory.close();
+        for lane in &self.shared.lanes {
+            lane.inventory.close();
+        }
         if let Some(hub) = self.shared.hub.get() {
             hub.close();
         }
@@ -556,7 +826,9 @@ async fn maintain(pool: Weak<PoolShared>) {
             last_keepalive = Instant::now();
         }
         // Keeps `minIdle` open (one connect at a time) and replaces retired connections.
-        shared.inventory.open_if_needed();
+        for lane in &shared.lanes {
+            lane.inventory.open_if_needed();
+        }
         drop(shared);
         tokio::time::sleep(tick).await;
     }
@@ -574,16 +846,23 @@ fn maintenance_tick(config: &PoolConfig) -> Duration {
 
 fn retire(shared: &PoolShared) {
     let config = &shared.config;
-    let removed = shared.inventory.retire(config.min_idle, |conn| {
-        !config.idle_timeout.is_zero() && conn.last_returned.elapsed() >= config.idle_timeout
-    });
-    shared.recorder.recycled.add(removed as u64);
+    for lane in &shared.lanes {
+        let removed = lane.inventory.retire(|conn| {
+            !config.idle_timeout.is_zero() && conn.last_returned.elapsed() >= config.idle_timeout
+        });
+        shared.recorder.recycled.add(removed as u64);
+    }
 }
 
 /// Pings idle connections not heard from in `keepalive / 2`, one at a time, so a pool of
 /// idle connections never has them all out at once.
 async fn ping_idle(shared: &Arc<PoolShared>, keepalive: Duration) {
-    let inventory = &shared.inventory;
+    for lane in &shared.lanes {
+        ping_lane(shared, &lane.inventory, keepalive).await;
+    }
+}
+
+async fn ping_lane(shared: &PoolShared, inventory: &Arc<Inventory>, keepalive: Duration) {
     let count = inventory.occupancy().idle;
     for _ in 0..count {
         let Some(mut conn) = inventory.take_for_ping(keepalive / 2) else {

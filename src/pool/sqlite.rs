@@ -1,7 +1,7 @@
 //! SQLite connections on rusqlite (bundled). Statements run on tokio's blocking pool.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::error::{Error, ErrorCode, Phase, Result};
 use crate::pool::connection::leading_keyword;
+use crate::pool::connection::Outcome;
 use crate::pool::value::{timestamp_to_iso, ExecuteResult, QueryResult, Value};
 
 /// Largest integer JavaScript holds exactly; larger SQLite integers become `bigint`.
@@ -23,6 +24,8 @@ pub struct SqliteConnection {
     statement_timeout: Option<Duration>,
     /// The running statement's deadline in microseconds since [`epoch`]; 0 for none.
     deadline: Arc<AtomicU64>,
+    /// Whether the last statement prepared only reads (0 unknown, 1 yes, 2 no).
+    read_only: Arc<AtomicU8>,
 }
 
 /// A fixed instant that statement deadlines are counted from.
@@ -104,17 +107,16 @@ pub async fn connect(
     let watched = Arc::clone(&deadline);
     let conn = tokio::task::spawn_blocking(move || {
         let mut conn = open(&target, busy_timeout, statement_cache)?;
-        if !statement_timeout.is_zero() {
-            // Checked every thousand VM steps: cheap, and stops a runaway statement in µs.
-            conn.progress_handler(
-                1000,
-                Some(move || {
-                    let at = watched.load(Ordering::Relaxed);
-                    at != 0 && micros_since_epoch(Instant::now()) > at
-                }),
-            )
-            .map_err(query_error)?;
-        }
+        // Checked every thousand VM steps: cheap (nothing to do while no deadline is set),
+        // and stops a statement past statementTimeoutMs or the calling-thread limit in µs.
+        conn.progress_handler(
+            1000,
+            Some(move || {
+                let at = watched.load(Ordering::Relaxed);
+                at != 0 && micros_since_epoch(Instant::now()) > at
+            }),
+        )
+        .map_err(query_error)?;
         Ok::<_, Error>(conn)
     })
     .await
@@ -124,6 +126,7 @@ pub async fn connect(
         conn: Arc::new(Mutex::new(conn)),
         statement_timeout: (!statement_timeout.is_zero()).then_some(statement_timeout),
         deadline,
+        read_only: Arc::default(),
     })
 }
 
@@ -257,8 +260,19 @@ fn stream_rows(
     }
 }
 
-fn run_query(conn: &Connection, sql: &str, params: &[Value]) -> Result<QueryResult> {
+/// Remembers whether the last prepared statement only reads: 1 yes, 2 no.
+fn note_read_only(stmt: &rusqlite::Statement<'_>, read_only: &AtomicU8) {
+    read_only.store(if stmt.readonly() { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+fn run_query(
+    conn: &Connection,
+    sql: &str,
+    params: &[Value],
+    read_only: &AtomicU8,
+) -> Result<QueryResult> {
     let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
+    note_read_only(&stmt, read_only);
     let columns: Arc<[String]> = stmt.column_names().map(|c| c.to_string()).collect();
     let width = columns.len();
     let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
@@ -281,9 +295,15 @@ fn run_query(conn: &Connection, sql: &str, params: &[Value]) -> Result<QueryResu
     })
 }
 
-fn run_execute(conn: &Connection, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
+fn run_execute(
+    conn: &Connection,
+    sql: &str,
+    params: &[Value],
+    read_only: &AtomicU8,
+) -> Result<ExecuteResult> {
     let rowid_before = conn.last_insert_rowid();
     let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
+    note_read_only(&stmt, read_only);
     let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
     let changed = if stmt.column_count() == 0 {
         stmt.execute(rusqlite::params_from_iter(bound.iter()))
@@ -367,6 +387,54 @@ impl SqliteConnection {
         rx
     }
 
+    /// Runs one statement on the calling thread, within `limit` when given (else within
+    /// statementTimeoutMs). `None`: the limit cut it off — SQLite rolled the statement back,
+    /// so it had no effect and may run again elsewhere.
+    pub fn run_now(
+        &self,
+        sql: &str,
+        params: &[Value],
+        query: bool,
+        limit: Option<Duration>,
+    ) -> Option<Result<Outcome>> {
+        let conn = self.conn.lock();
+        let bound = limit.or(self.statement_timeout);
+        if let Some(b) = bound {
+            self.deadline
+                .store(micros_since_epoch(Instant::now() + b), Ordering::Relaxed);
+        }
+        let outcome = if query {
+            run_query(&conn, sql, params, &self.read_only).map(Outcome::Rows)
+        } else {
+            run_execute(&conn, sql, params, &self.read_only).map(Outcome::Done)
+        };
+        if bound.is_some() {
+            self.deadline.store(0, Ordering::Relaxed);
+        }
+        match outcome {
+            Err(e) if e.sqlstate.as_deref() == Some("SQLITE_9") && limit.is_some() => None,
+            Err(e) if e.sqlstate.as_deref() == Some("SQLITE_9") => {
+                let ms = bound.map_or(0.0, |b| b.as_secs_f64() * 1000.0);
+                let mut err = Error::new(
+                    ErrorCode::QueryTimeout,
+                    format!("timed out after statementTimeoutMs ({ms} ms); interrupted"),
+                );
+                err.timeout_ms = Some(ms);
+                Some(Err(err))
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Whether the last statement run only reads (for routing it to the readers next time).
+    pub fn last_read_only(&self) -> Option<bool> {
+        match self.read_only.load(Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+
     /// Interrupts the statement running now, if any (it fails with SQLITE_INTERRUPT).
     pub fn interrupt(&self) {
         self.interrupt.interrupt();
@@ -374,12 +442,16 @@ impl SqliteConnection {
 
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
         let (sql, params) = (sql.to_string(), params.to_vec());
-        self.blocking(move |c| run_query(c, &sql, &params)).await
+        let read_only = Arc::clone(&self.read_only);
+        self.blocking(move |c| run_query(c, &sql, &params, &read_only))
+            .await
     }
 
     pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
         let (sql, params) = (sql.to_string(), params.to_vec());
-        self.blocking(move |c| run_execute(c, &sql, &params)).await
+        let read_only = Arc::clone(&self.read_only);
+        self.blocking(move |c| run_execute(c, &sql, &params, &read_only))
+            .await
     }
 
     /// Whether a transaction is open on this connection; `None` while a statement holds it.

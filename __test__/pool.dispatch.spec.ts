@@ -1,0 +1,109 @@
+// Cost-aware dispatch: cheap SQLite statements without a thread hop (and never once they are
+// slow), one SQLite writer under WAL, slow PostgreSQL statements kept out of shared pipelines,
+// and a spike served by warm connections without a connection storm.
+import { mkdtempSync, rmSync } from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import { databaseUrl, describeWithPostgres, eventually, trackedPools } from './support/env'
+import { startFaultProxy } from './support/fault-proxy'
+
+describe('SQLite on the calling thread', () => {
+  const open = trackedPools()
+  let dir: string
+  beforeAll(() => {
+    dir = mkdtempSync(path.join(os.tmpdir(), 'qm-dispatch-'))
+  })
+  afterAll(() => rmSync(dir, { recursive: true, force: true }))
+
+  const inline = (pool: { metrics(): { inlineStatements: number } }) => pool.metrics().inlineStatements
+
+  it('runs a cheap statement inline once it is known, settling at once', async () => {
+    const pool = open({ url: 'sqlite::memory:', maxSize: 4 })
+    await pool.execute('create table q(id integer primary key, px real)')
+    await pool.execute('insert into q(px) values (1.5), (2.5)')
+    await pool.query('select px from q where id = $1', [1]) // learnt off the thread
+    const before = inline(pool)
+    for (let i = 0; i < 100; i++) expect((await pool.query('select px from q where id = $1', [1])).rows).toEqual([{ px: 1.5 }])
+    // (A run slower than the calling-thread bound would go off the thread: none here.)
+    expect(inline(pool) - before).toBeGreaterThanOrEqual(90)
+    // And the synchronous twins.
+    expect(pool.querySync('select px from q where id = $1', [2]).rows).toEqual([{ px: 2.5 }])
+    expect(pool.executeSync('update q set px = px + 1 where id = $1', [2]).rowCount).toBe(1)
+    const lease = await pool.acquire()
+    expect(lease.querySync('select px from q where id = 2').rows).toEqual([{ px: 3.5 }])
+    lease.release()
+  })
+
+  it('never runs a statement inline once its estimate is slow', async () => {
+    const pool = open({ url: 'sqlite::memory:', maxSize: 2 })
+    const count = 'with recursive r(n) as (select 1 union all select n + 1 from r where n < $1) select count(*) as c from r'
+    for (let i = 0; i < 5; i++) await pool.query(count, [10])
+    const cheap = inline(pool)
+    expect((await pool.query(count, [10])).rows).toEqual([{ c: 10 }])
+    expect(inline(pool)).toBe(cheap + 1)
+    // The same statement, now far over the calling-thread limit: cut off there, run again off
+    // the thread (it had no effect), correct, and from then on never inline.
+    const big = await pool.query(count, [3_000_000])
+    expect(big.rows).toEqual([{ c: 3_000_000 }])
+    const after = inline(pool)
+    expect(after).toBe(cheap + 1)
+    for (let i = 0; i < 3; i++) expect((await pool.query(count, [10])).rows).toEqual([{ c: 10 }])
+    expect(inline(pool)).toBe(after)
+  })
+
+  it('runs writes and reads together through one writer without SQLITE_BUSY', async () => {
+    const pool = open({ url: `sqlite:${path.join(dir, 'mixed.db')}`, maxSize: 4 })
+    await pool.execute('create table fills(id integer primary key, qty integer)')
+    const work = Array.from({ length: 2000 }, (_, i) => {
+      if (i % 10 === 0)
+        return pool.transaction(async (tx) => {
+          const { rows } = await tx.query('select count(*) as n from fills')
+          await tx.execute('insert into fills(qty) values ($1)', [rows[0].n])
+        })
+      return i % 2 ? pool.execute('insert into fills(qty) values ($1)', [i]) : pool.query('select count(*) as n from fills')
+    })
+    const results = await Promise.allSettled(work)
+    const failed = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected').map((r) => r.reason.message)
+    expect(failed).toEqual([])
+    expect((await pool.query('select count(*) as n from fills')).rows[0].n).toBe(1000 + 200)
+  })
+
+  it('refuses querySync on other backends with INVALID_ARGUMENT', () => {
+    const pool = open({ url: 'redis://127.0.0.1:1', maxSize: 1 })
+    expect(() => pool.querySync('select 1')).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT' }))
+  })
+})
+
+describeWithPostgres('PostgreSQL dispatch', () => {
+  const open = trackedPools()
+
+  it('never pipelines fast statements behind a statement known to be slow', async () => {
+    const pool = open({ url: databaseUrl!, maxSize: 2 })
+    const slow = 'select pg_sleep(0.2) as slow'
+    await pool.query(slow) // its record says slow from now on
+    const order: string[] = []
+    const calls = [
+      pool.query(slow).then(() => order.push('slow')),
+      ...Array.from({ length: 60 }, (_, i) => pool.query('select $1::int as i', [i]).then(() => order.push('fast'))),
+    ]
+    await Promise.all(calls)
+    expect(order.indexOf('slow')).toBe(60)
+  })
+
+  it('serves a spike with its warm connections, opening a bounded number of new ones', async () => {
+    const proxy = await startFaultProxy({ host: new URL(databaseUrl!).hostname, port: Number(new URL(databaseUrl!).port || 5432) })
+    try {
+      proxy.set({ connectDelayMs: 150 })
+      const pool = open({ url: proxy.url(databaseUrl!), maxSize: 50, minIdle: 5, acquireTimeoutMs: 10_000 })
+      await eventually(() => pool.status(), (s) => s.idle === 5, 5000)
+      const created = pool.metrics().created
+      const results = await Promise.all(Array.from({ length: 50 }, () => pool.query('select pg_sleep(0.002)')))
+      expect(results).toHaveLength(50)
+      const opened = pool.metrics().created - created
+      process.stderr.write(`spike: 50 callers, 5 warm connections, +150 ms connects: ${opened} new connections\n`)
+      expect(opened).toBeLessThanOrEqual(3)
+    } finally {
+      await proxy.close()
+    }
+  })
+})
