@@ -52,6 +52,18 @@ const BENCHES: Bench[] = [
     what: 'Load time against file size, and an MLP 64→256→256→1 on the CPU against onnxruntime-node running the same weights (outputs compared first): latency p50 and samples/s with 4 calls in flight.',
   },
   {
+    name: 'dispatch',
+    file: 'dispatch.ts',
+    what:
+      'Cost-aware dispatch. SQLite (file, WAL) point reads and single-row inserts against better-sqlite3 ^12 (synchronous, WAL, synchronous=NORMAL: its best configuration), awaited one by one, through `querySync`, and with 64 concurrent callers on a pool of 4. PostgreSQL: 64 workers of `select $1::int` plus a 50 ms report every 25 ms on a pool of 8, against pg and postgres.js. A spike of 50 callers on 5 warm connections through a proxy adding 150 ms to every connect, against pg-pool.',
+  },
+  {
+    name: 'streams',
+    file: 'streams.ts',
+    what:
+      'COPY of 1 000 000 CSV rows in (`copyFrom`) and out (`copyTo`) against postgres.js `.writable()` / `.readable()` (best of 3); and 4 `worker_threads` × 32 queries in flight on one `ConnectionPool.shared` pool of 8 against 4 workers each with its own pg / postgres.js pool of 2 (same total), with the server connections seen.',
+  },
+  {
     name: 'scenarios',
     file: 'scenarios.ts',
     what:
@@ -214,6 +226,52 @@ function headline(tables: Table[]): Headline[] {
       })
     }
   }
+  for (const t of byTitle('dispatch', 'SQLite small work')) {
+    for (const r of t.rows) {
+      out.push({
+        comparison: `SQLite · ${r.case}`,
+        unit: 'ops/s',
+        ours: String(r.quartermaster),
+        peer: 'better-sqlite3',
+        theirs: String(r['better-sqlite3']),
+        ratio: num(r.ratio),
+      })
+    }
+  }
+  for (const t of byTitle('dispatch', 'PostgreSQL mixed')) {
+    const ours = t.rows.find((r) => r.client === 'quartermaster')
+    if (!ours) continue
+    for (const peer of t.rows.filter((r) => r !== ours)) {
+      out.push({
+        comparison: 'PG mixed · fast-query p99.9 beside 50 ms reports, pool 8',
+        unit: 'ms (lower wins)',
+        ours: String(ours['fast p99.9 ms']),
+        peer: String(peer.client),
+        theirs: String(peer['fast p99.9 ms']),
+        ratio: num(peer['fast p99.9 ms']) / num(ours['fast p99.9 ms']),
+      })
+      out.push({
+        comparison: 'PG mixed · fast-query throughput beside 50 ms reports, pool 8',
+        unit: 'queries/s',
+        ours: String(ours['fast q/s']),
+        peer: String(peer.client),
+        theirs: String(peer['fast q/s']),
+        ratio: num(String(ours['fast q/s']).replace(/,/g, '')) / num(String(peer['fast q/s']).replace(/,/g, '')),
+      })
+    }
+  }
+  for (const t of byTitle('streams', 'COPY')) {
+    for (const r of t.rows) {
+      out.push({
+        comparison: `COPY · ${r.copy}`,
+        unit: 'rows/s',
+        ours: String(r['quartermaster rows/s']),
+        peer: 'postgres.js',
+        theirs: String(r['postgres.js rows/s']),
+        ratio: num(r.ratio),
+      })
+    }
+  }
   return out
 }
 
@@ -248,11 +306,14 @@ function markdownTable(rows: Row[]): string {
 }
 
 function version(pkg: string): string {
-  try {
-    return JSON.parse(readFileSync(path.join(ROOT, 'node_modules', pkg, 'package.json'), 'utf8')).version
-  } catch {
-    return '?'
+  for (const dir of [path.join(__dirname, 'node_modules'), path.join(ROOT, 'node_modules')]) {
+    try {
+      return JSON.parse(readFileSync(path.join(dir, pkg, 'package.json'), 'utf8')).version
+    } catch {
+      // not installed there
+    }
   }
+  return '?'
 }
 
 function sh(cmd: string, args: string[]): string {
@@ -275,7 +336,7 @@ async function machine(url: string, dbSource: string): Promise<Row[]> {
     // reported as '?'
   }
   const own = JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8'))
-  const peers = ['pg', 'postgres', 'generic-pool', 'tarn', 'prom-client', 'onnxruntime-node', 'vega', 'vega-lite']
+  const peers = ['pg', 'postgres', 'better-sqlite3', 'generic-pool', 'tarn', 'prom-client', 'onnxruntime-node', 'vega', 'vega-lite']
   return [
     { what: 'date (UTC)', value: new Date().toISOString().replace(/\.\d+Z$/, 'Z') },
     { what: 'CPUs (nproc)', value: sh('nproc', []) },

@@ -131,7 +131,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       flow.upstreamReady = true
       pump(flow, 'up')
     })
-    up.on('data', (chunk) => push(flow, 'down', chunk))
+    up.on('data', (chunk: Buffer) => push(flow, 'down', chunk))
     up.on('end', () => push(flow, 'down', END))
     up.on('close', (hadError) => {
       // A server-side reset (or a refused connect) reaches the client as a reset, if it may.
@@ -146,7 +146,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     client.setNoDelay(true)
     const flow: Flow = { client, upstreamReady: false, silent: mode === 'blackholeAll', queues: { up: [], down: [] }, timers: { up: undefined, down: undefined } }
     flows.add(flow)
-    client.on('data', (chunk) => push(flow, 'up', chunk))
+    client.on('data', (chunk: Buffer) => push(flow, 'up', chunk))
     client.on('end', () => push(flow, 'up', END))
     client.on('close', (hadError) => {
       flows.delete(flow)
