@@ -495,11 +495,16 @@ impl Pool {
         let (Statement::Query(sql, _) | Statement::Execute(sql, _)) = statement else {
             return None;
         };
-        if !s.profiles.get(sql)?.is_cheap() {
+        let profile = s.profiles.get(sql)?;
+        if !profile.is_cheap() {
             return None;
         }
         let op = statement.borrow();
-        let kind = s.lane_for(&op);
+        let kind = match (s.lanes.len(), profile.read_only) {
+            (1, _) => LaneKind::Main,
+            (_, Some(true)) => LaneKind::Main,
+            _ => LaneKind::Writer,
+        };
         if s.lane(kind).queue.lock().len() > 0 {
             return None;
         }
