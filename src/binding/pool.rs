@@ -56,6 +56,10 @@ pub struct PoolOptions {
     /// the server (`statement_timeout`, sent at connect), SQLite interrupts the statement,
     /// Redis closes the command's connection. Fails with `QUERY_TIMEOUT`.
     pub statement_timeout_ms: Option<f64>,
+    /// SQLite: a statement whose average running time is at most this many µs (default 200,
+    /// 0..2000, 0 = never) runs on the calling thread when a connection is idle, settling at
+    /// once; the run is cut off at 2 ms and then taken off the thread.
+    pub inline_micros: Option<f64>,
     /// TLS settings; `sslmode` in the URL is honoured too.
     pub tls: Option<TlsOptions>,
     /// Label in metrics. Default: the backend name (`postgres`, `sqlite`, `redis`).
@@ -272,6 +276,34 @@ pub struct ConnectionPool {
 }
 
 impl ConnectionPool {
+    /// Runs `open` on the runtime with the call's bounds (checked open, options read first)
+    /// and settles the promise with `wrap` of its result.
+    pub(super) fn spawn_bounded<'e, T, V, F, Fut>(
+        &self,
+        env: &'e Env,
+        options: Option<Unknown<'e>>,
+        cancel: Option<&Cancellation>,
+        open: F,
+        wrap: impl FnOnce(T) -> V + Send + 'static,
+    ) -> napi::Result<PromiseRaw<'e, V>>
+    where
+        T: Send + 'static,
+        V: napi::bindgen_prelude::ToNapiValue + 'static,
+        F: FnOnce(Pool, Bounds) -> Fut,
+        Fut: std::future::Future<Output = CoreResult<T>> + Send + 'static,
+    {
+        let bounds = match self
+            .check_open()
+            .and_then(|()| bounds(env, options, cancel))
+        {
+            Ok(b) => b,
+            Err(e) => return settled(env, Err(e)),
+        };
+        spawn(env, open(self.pool.clone(), bounds), move |_, v| {
+            Ok(wrap(v))
+        })
+    }
+
     /// `POOL_CLOSED` once this handle is closed, even while other holders of a shared pool
     /// keep it open.
     pub(super) fn check_open(&self) -> CoreResult<()> {
@@ -300,6 +332,7 @@ fn core_options(o: PoolOptions) -> CoreOptions {
         leak_detection_ms: o.leak_detection_ms,
         statement_cache: o.statement_cache,
         statement_timeout_ms: o.statement_timeout_ms,
+        inline_micros: o.inline_micros,
         cluster: o.cluster,
         tls_mode,
         tls_ca,
@@ -747,20 +780,14 @@ impl ConnectionPool {
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, PooledConnection>> {
-        let bounds = match self
-            .check_open()
-            .and_then(|()| bounds(env, options, cancel))
-        {
-            Ok(b) => b,
-            Err(e) => return settled(env, Err(e)),
-        };
-        let pool = self.pool.clone();
         let int8 = self.int8;
         let stack = capture_stack(env, !self.pool.config().leak_detection.is_zero());
-        spawn(
+        self.spawn_bounded(
             env,
-            async move { pool.acquire_for_write(stack, &bounds).await },
-            move |_, lease| Ok(PooledConnection::new(lease, int8)),
+            options,
+            cancel,
+            move |pool, bounds| async move { pool.acquire_for_write(stack, &bounds).await },
+            move |lease| PooledConnection::new(lease, int8),
         )
     }
 

@@ -338,21 +338,13 @@ impl ConnectionPool {
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, CopyInHandle>> {
-        let bounds = match self
-            .check_open()
-            .and_then(|()| bounds(env, options, cancel))
-        {
-            Ok(b) => b,
-            Err(e) => return settled(env, Err(e)),
-        };
-        let pool = self.pool.clone();
-        spawn(
+        self.spawn_bounded(
             env,
-            async move { CopyIn::open(&pool, &sql, &bounds).await },
-            |_, copy| {
-                Ok(CopyInHandle {
-                    copy: Arc::new(tokio::sync::Mutex::new(copy)),
-                })
+            options,
+            cancel,
+            move |pool, bounds| async move { CopyIn::open(&pool, &sql, &bounds).await },
+            |copy| CopyInHandle {
+                copy: Arc::new(tokio::sync::Mutex::new(copy)),
             },
         )
     }
@@ -366,21 +358,13 @@ impl ConnectionPool {
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
     ) -> napi::Result<PromiseRaw<'e, CopyOutHandle>> {
-        let bounds = match self
-            .check_open()
-            .and_then(|()| bounds(env, options, cancel))
-        {
-            Ok(b) => b,
-            Err(e) => return settled(env, Err(e)),
-        };
-        let pool = self.pool.clone();
-        spawn(
+        self.spawn_bounded(
             env,
-            async move { CopyOut::open(&pool, &sql, &bounds).await },
-            |_, copy| {
-                Ok(CopyOutHandle {
-                    copy: Arc::new(tokio::sync::Mutex::new(copy)),
-                })
+            options,
+            cancel,
+            move |pool, bounds| async move { CopyOut::open(&pool, &sql, &bounds).await },
+            |copy| CopyOutHandle {
+                copy: Arc::new(tokio::sync::Mutex::new(copy)),
             },
         )
     }

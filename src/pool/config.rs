@@ -59,6 +59,8 @@ pub struct PoolConfig {
     pub statement_cache: bool,
     /// Zero: statements are unbounded unless a call says otherwise.
     pub statement_timeout: Duration,
+    /// SQLite: statements averaging at most this run on the calling thread; zero: never.
+    pub inline_max: Duration,
     pub tls: Option<TlsOptions>,
     pub name: String,
     pub int8: Int8Mode,
@@ -81,6 +83,9 @@ pub struct PoolOptions {
     pub leak_detection_ms: Option<f64>,
     pub statement_cache: Option<bool>,
     pub statement_timeout_ms: Option<f64>,
+    /// SQLite: microseconds of average running time under which a statement may run on the
+    /// calling thread (0..=2000; 0 = never).
+    pub inline_micros: Option<f64>,
     /// Redis Cluster: `url` lists the seed nodes, `redis://h1:p1,h2:p2`.
     pub cluster: Option<bool>,
     pub tls_mode: Option<String>,
@@ -205,6 +210,17 @@ impl PoolConfig {
             leak_detection: millis("leakDetectionMs", opts.leak_detection_ms, 0, true)?,
             statement_cache: opts.statement_cache.unwrap_or(true),
             statement_timeout: millis("statementTimeoutMs", opts.statement_timeout_ms, 0, true)?,
+            inline_max: match opts.inline_micros {
+                None => crate::pool::profile::INLINE_MAX,
+                Some(us) if us.is_finite() && (0.0..=2000.0).contains(&us) => {
+                    Duration::from_micros(us as u64)
+                }
+                Some(us) => {
+                    return Err(Error::invalid_argument(format!(
+                        "inlineMicros must be between 0 (never) and 2000 (got {us})"
+                    )))
+                }
+            },
             tls,
             name,
             int8,

@@ -182,7 +182,10 @@ impl Inventory {
     }
 
     pub fn occupancy(&self) -> Occupancy {
-        let s = self.state.lock();
+        self.occupancy_of(&self.state.lock())
+    }
+
+    fn occupancy_of(&self, s: &State) -> Occupancy {
         Occupancy {
             max_size: s.max_size,
             open: self.open(),
@@ -416,16 +419,7 @@ impl Inventory {
         }
         let (occupancy, last_error) = {
             let s = self.state.lock();
-            (
-                Occupancy {
-                    max_size: s.max_size,
-                    open: self.open(),
-                    idle: s.idle.len() + s.checking,
-                    opening: s.opening,
-                    waiters: s.waiters.len(),
-                },
-                s.last_error.clone(),
-            )
+            (self.occupancy_of(&s), s.last_error.clone())
         };
         let what = match phase {
             Phase::Wait => "waiting for a free connection",

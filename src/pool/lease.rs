@@ -16,6 +16,13 @@ use crate::pool::dispatch::{Done, Pending};
 use crate::pool::profile::{Profiles, INLINE_LIMIT};
 use crate::pool::{LaneKind, PoolShared, Retries};
 
+fn released() -> Error {
+    Error::new(
+        ErrorCode::PoolClosed,
+        "this connection was already released to its pool",
+    )
+}
+
 /// How long a returned connection may take to roll back before it is closed instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -56,10 +63,7 @@ impl Lease {
             if self.lost {
                 Error::connection_lost(false, "this lease's connection was lost earlier")
             } else {
-                Error::new(
-                    ErrorCode::PoolClosed,
-                    "this connection was already released to its pool",
-                )
+                released()
             }
         })
     }
@@ -185,14 +189,22 @@ struct Ordered {
 /// transaction.
 pub struct OrderedLease {
     state: parking_lot::Mutex<Ordered>,
+    /// The pool's `inlineMicros`.
+    inline_max: Duration,
     lease: tokio::sync::Mutex<Lease>,
     runtime: Handle,
+}
+
+fn lease_inline_max(lease: &OrderedLease) -> Duration {
+    lease.inline_max
 }
 
 impl OrderedLease {
     pub fn new(lease: Lease) -> Arc<OrderedLease> {
         let runtime = lease.shared.runtime.clone();
+        let inline_max = lease.shared.config.inline_max;
         Arc::new(OrderedLease {
+            inline_max,
             state: parking_lot::Mutex::new(Ordered {
                 queue: VecDeque::new(),
                 running: false,
@@ -210,10 +222,7 @@ impl OrderedLease {
         let mut state = self.state.lock();
         if state.released {
             drop(state);
-            return done(Err(Error::new(
-                ErrorCode::PoolClosed,
-                "this connection was already released to its pool",
-            )));
+            return done(Err(released()));
         }
         let bounds = bounds.within(&state.bounds);
         state
@@ -227,10 +236,7 @@ impl OrderedLease {
         let mut state = self.state.lock();
         if state.released {
             drop(state);
-            return done(Err(Error::new(
-                ErrorCode::PoolClosed,
-                "this connection was already released to its pool",
-            )));
+            return done(Err(released()));
         }
         state
             .queue
@@ -250,7 +256,7 @@ impl OrderedLease {
             return None;
         };
         let profile = profiles.get(sql)?;
-        if !profile.is_cheap() || profile.read_only != Some(true) {
+        if !profile.is_cheap(lease_inline_max(self)) || profile.read_only != Some(true) {
             return None;
         }
         let state = self.state.lock();
@@ -265,7 +271,7 @@ impl OrderedLease {
             .run_now(&statement.borrow(), Some(INLINE_LIMIT));
         match &outcome {
             Some(_) => lease.shared.recorder.inline_statements.inc(),
-            None => profiles.mark_slow(sql, INLINE_LIMIT),
+            None => profiles.mark_slow(sql),
         }
         outcome
     }
@@ -275,10 +281,7 @@ impl OrderedLease {
     pub fn run_sync(&self, statement: &Statement) -> Result<Outcome> {
         let state = self.state.lock();
         if state.released {
-            return Err(Error::new(
-                ErrorCode::PoolClosed,
-                "this connection was already released to its pool",
-            ));
+            return Err(released());
         }
         if state.running || !state.queue.is_empty() {
             return Err(Error::invalid_argument(

@@ -496,7 +496,7 @@ impl Pool {
             return None;
         };
         let profile = s.profiles.get(sql)?;
-        if !profile.is_cheap() {
+        if !profile.is_cheap(s.config.inline_max) {
             return None;
         }
         let op = statement.borrow();
@@ -519,7 +519,7 @@ impl Pool {
                 Some(done)
             }
             None => {
-                s.profiles.mark_slow(sql, profile::INLINE_LIMIT);
+                s.profiles.mark_slow(sql);
                 None
             }
         }

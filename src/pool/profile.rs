@@ -16,8 +16,8 @@ const CAPACITY: usize = 4096;
 /// own, never at the head of a pipeline that others join.
 pub const SLOW: Duration = Duration::from_millis(5);
 
-/// At most this average to run on the calling thread (SQLite); the run itself is cut off
-/// at [`INLINE_LIMIT`].
+/// By default, at most this average to run on the calling thread (SQLite, pool option
+/// `inlineMicros`); the run itself is cut off at [`INLINE_LIMIT`].
 pub const INLINE_MAX: Duration = Duration::from_micros(200);
 
 /// The hard bound on one statement run on the calling thread: interrupted past it and run
@@ -38,8 +38,9 @@ impl Profile {
         self.micros >= SLOW.as_secs_f64() * 1e6
     }
 
-    pub fn is_cheap(&self) -> bool {
-        self.micros <= INLINE_MAX.as_secs_f64() * 1e6
+    /// Cheap enough for the calling thread: an average at or under `max`.
+    pub fn is_cheap(&self, max: Duration) -> bool {
+        self.micros <= max.as_secs_f64() * 1e6
     }
 }
 
@@ -89,10 +90,11 @@ impl Profiles {
         );
     }
 
-    /// Marks `sql` as too slow for the calling thread (it hit [`INLINE_LIMIT`]).
-    pub fn mark_slow(&self, sql: &str, at_least: Duration) {
+    /// Marks `sql` as too slow for the calling thread (it hit [`INLINE_LIMIT`]): its
+    /// average becomes at least [`SLOW`], which no `inlineMicros` reaches.
+    pub fn mark_slow(&self, sql: &str) {
         if let Some(p) = self.book.lock().get_mut(sql) {
-            p.micros = p.micros.max(at_least.as_secs_f64() * 1e6);
+            p.micros = p.micros.max(SLOW.as_secs_f64() * 1e6);
         }
     }
 }
@@ -107,7 +109,7 @@ mod tests {
         book.observe("select 1", Duration::from_millis(3), Some(true)); // prepared, too
         book.observe("select 1", Duration::from_micros(20), None);
         let p = book.get("select 1").unwrap();
-        assert!(p.is_cheap() && !p.is_slow());
+        assert!(p.is_cheap(INLINE_MAX) && !p.is_slow());
         assert_eq!(p.read_only, Some(true));
         book.observe("select 1", Duration::from_millis(20), None);
         assert!(book.get("select 1").unwrap().is_slow());
@@ -119,7 +121,7 @@ mod tests {
             book.get("select 1").unwrap().is_slow(),
             "one fast run does not clear it"
         );
-        book.mark_slow("select 1", INLINE_LIMIT);
-        assert!(!book.get("select 1").unwrap().is_cheap());
+        book.mark_slow("select 1");
+        assert!(!book.get("select 1").unwrap().is_cheap(INLINE_LIMIT));
     }
 }
