@@ -345,6 +345,12 @@ describe('SQLite: what a caller is told is what happened', () => {
     expect((await pool.query('select count(*) as n from t')).rows).toEqual([{ n: 2 }])
   })
 
+  it('turns a panic on the calling thread (querySync) into INTERNAL and keeps serving', () => {
+    const pool = open({ url: 'sqlite::memory:', maxSize: 2 })
+    expect(() => pool.querySync('-- qm:test-panic')).toThrow(expect.objectContaining({ code: 'INTERNAL' }))
+    expect(pool.querySync('select 1 as one').rows).toEqual([{ one: 1 }])
+  })
+
   it('closes a connection whose PRAGMA changed it instead of handing it on', async () => {
     const pool = open({ url: 'sqlite::memory:', maxSize: 1 })
     await pool.execute('create table p(id integer primary key)')

@@ -455,7 +455,7 @@ fn send_query<'e>(
     let int8 = to.int8();
     let statement = Statement::Query(sql, params);
     if !bounds.is_set() {
-        if let Some(outcome) = to.try_inline(&statement) {
+        if let Some(outcome) = inline(to, &statement) {
             return settled(env, outcome.map(|out| rows(out.into_rows(), int8)));
         }
     }
@@ -480,7 +480,7 @@ fn send_execute<'e>(
     };
     let statement = Statement::Execute(sql, params);
     if !bounds.is_set() {
-        if let Some(outcome) = to.try_inline(&statement) {
+        if let Some(outcome) = inline(to, &statement) {
             return match outcome {
                 Ok(Outcome::Done(d)) => settled(env, Ok(done(d))),
                 Ok(_) => unreachable_value(),
@@ -539,6 +539,26 @@ fn send_pipeline<'e>(
     Ok(promise)
 }
 
+/// [`Runner::try_inline`], with a panic turned into `INTERNAL`.
+fn inline(to: &impl Runner, statement: &Statement) -> Option<CoreResult<Outcome>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| to.try_inline(statement)))
+        .unwrap_or_else(|_| {
+            Some(Err(Error::internal(
+                "the statement failed unexpectedly (a bug); it may or may not have run",
+            )))
+        })
+}
+
+/// Runs core work on the calling thread with a panic turned into `INTERNAL` (never an
+/// abort of Node).
+fn on_this_thread<T>(work: impl FnOnce() -> CoreResult<T>) -> CoreResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
+        Err(Error::internal(
+            "the statement failed unexpectedly (a bug); it may or may not have run",
+        ))
+    })
+}
+
 fn query_sync(
     to: &impl Runner,
     env: &Env,
@@ -546,7 +566,7 @@ fn query_sync(
     params: Option<Unknown<'_>>,
 ) -> napi::Result<QueryResult> {
     let outcome = values::params_from_js(env, raw(&params))
-        .and_then(|p| to.run_sync(&Statement::Query(sql, p)));
+        .and_then(|p| on_this_thread(|| to.run_sync(&Statement::Query(sql, p))));
     match outcome {
         Ok(out) => Ok(rows(out.into_rows(), to.int8())),
         Err(e) => Err(js_error(env, e)),
@@ -560,7 +580,7 @@ fn execute_sync(
     params: Option<Unknown<'_>>,
 ) -> napi::Result<ExecuteResult> {
     let outcome = values::params_from_js(env, raw(&params))
-        .and_then(|p| to.run_sync(&Statement::Execute(sql, p)));
+        .and_then(|p| on_this_thread(|| to.run_sync(&Statement::Execute(sql, p))));
     match outcome {
         Ok(Outcome::Done(d)) => Ok(done(d)),
         Ok(_) => unreachable_value(),
