@@ -10,6 +10,15 @@
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
 /**
+ * Internal: the native side of an `AbortSignal` given in `CallOptions`, made and
+ * cancelled by quartermaster's own wrapper. Pass `signal`; you never need this class.
+ */
+export declare class Cancellation {
+  constructor()
+  cancel(): void
+}
+
+/**
  * A pool of PostgreSQL, SQLite or Redis connections kept inside Rust. One native call per
  * `query`/`execute`/`command`: checkout, run and return happen without crossing into JS.
  */
@@ -33,22 +42,32 @@ export declare class ConnectionPool {
   /** `postgres`, `sqlite` or `redis`. */
   get backend(): string
   /** Runs one statement on a pooled connection and returns its rows. */
-  query(sql: string, params?: unknown[]): Promise<QueryResult>
+  query(sql: string, params?: unknown[], options?: CallOptions): Promise<QueryResult>
   /** Runs one statement for its effect and returns the rows affected. */
-  execute(sql: string, params?: unknown[]): Promise<ExecuteResult>
+  execute(sql: string, params?: unknown[], options?: CallOptions): Promise<ExecuteResult>
+  /**
+   * SQLite: runs one statement on the calling thread and returns its rows — no promise,
+   * no thread hop (the `predictSync` of connections). Waits at most `acquireTimeoutMs`
+   * for a connection. Other backends: `INVALID_ARGUMENT` (a network round trip would
+   * block the event loop).
+   */
+  querySync(sql: string, params?: unknown[]): QueryResult
+  /** SQLite: runs one statement for its effect on the calling thread. */
+  executeSync(sql: string, params?: unknown[]): ExecuteResult
   /**
    * Redis: runs one command, e.g. `command('SET', 'k', 'v')`; the arguments may also come
    * as one array, `command('SET', ['k', 'v'])`.
    */
-  command(name: string, ...args: Array<string | number | bigint | Buffer> | [Array<string | number | bigint | Buffer>]): Promise<unknown>
+  command(name: string, ...args: Array<string | number | bigint | Buffer | CallOptions> | [Array<string | number | bigint | Buffer>, CallOptions?]): Promise<unknown>
   /** Redis: sends several commands in one round trip, e.g. `pipeline([['SET','k','v'], ['GET','k']])`. */
-  pipeline(commands: Array<[string, ...Array<string | number | bigint | Buffer>]>): Promise<unknown[]>
+  pipeline(commands: Array<[string, ...Array<string | number | bigint | Buffer>]>, options?: CallOptions): Promise<unknown[]>
   /**
    * Checks out a connection for several statements (a transaction, session state).
    * Release it with `release()`, `using` or `await using`; a lease the garbage collector
    * finds unreleased is rolled back, returned and counted in `leakedLeases`.
+   * `options.timeoutMs` / `options.signal` bound the wait (never past `acquireTimeoutMs`).
    */
-  acquire(): Promise<PooledConnection>
+  acquire(options?: CallOptions): Promise<PooledConnection>
   /** An idle connection right now, or `null`. Never waits, connects or validates. */
   tryAcquire(): PooledConnection | null
   /**
@@ -58,9 +77,12 @@ export declare class ConnectionPool {
    * statement inside failed and `fn` caught it, COMMIT is answered with ROLLBACK and this
    * rejects (`QUERY_FAILED`, `rolledBack: true`, the failed statement's SQLSTATE). On
    * Redis it resolves with EXEC's replies, a failed command's reply an `Error` in its
-   * place (the others were applied). The connection is released either way.
+   * place (the others were applied). `options.timeoutMs` / `options.signal` bound the
+   * whole transaction (the wait, every statement, `fn` itself): past them it is rolled
+   * back and rejects with `QUERY_TIMEOUT` / `ABORT_ERR`. The connection is released
+   * either way.
    */
-  transaction<T>(fn: (tx: PooledConnection) => Promise<T>): Promise<T>
+  transaction<T>(fn: (tx: PooledConnection) => Promise<T>, options?: CallOptions): Promise<T>
   /** Occupancy right now. */
   status(): PoolStatus
   /**
@@ -82,6 +104,71 @@ export declare class ConnectionPool {
    * handle, and the pool itself only when this was its last open handle.
    */
   close(options?: CloseOptions | undefined | null): Promise<void>
+  /**
+   * Listens on `channel` (PostgreSQL LISTEN; Redis SUBSCRIBE, or PSUBSCRIBE with
+   * `pattern`) over one dedicated connection per pool, outside `maxSize`. `onNotify`
+   * gets each payload in order. After any loss the connection is reopened with backoff,
+   * every channel listened to again, and `onListen` called so the app can resync. A
+   * callback that throws is counted (`errors`, `listenerErrors`) and the others carry
+   * on. Resolves once listening; a listener keeps the process alive until `unlisten()`.
+   */
+  listen(channel: string, onNotify: (payload: string, channel: string) => void, options?: ListenOptions): Promise<Listener>
+  /**
+   * Sends `payload` on `channel`: PostgreSQL `pg_notify` (delivered at commit; on a
+   * lease inside a transaction, at its COMMIT), Redis PUBLISH.
+   */
+  notify(channel: string, payload: string): Promise<void>
+  /**
+   * Streams the rows of `sql` in batches of `options.batchSize` (default 1000), fetched
+   * only as the loop asks for them: `for await (const batch of pool.cursor(sql, params))`.
+   * PostgreSQL: a cursor (DECLARE … FETCH) in a transaction on a lease held for the
+   * iteration; SQLite: the statement stepped on a connection of its own. `break`, a
+   * throw, `timeoutMs` or `signal` close it and release the connection.
+   */
+  cursor(sql: string, params?: unknown[], options?: CursorOptions): AsyncIterable<Array<Record<string, any>>>
+  /**
+   * PostgreSQL: `COPY … FROM STDIN` as a Node `Writable` (text, CSV or binary bytes, with
+   * backpressure) on a lease held for the transfer. `finish` means the server copied
+   * everything (`writable.rowCount` then holds its count); `destroy()` or an error
+   * aborts the COPY on the server (nothing copied) and returns the connection clean.
+   * `options.timeoutMs` / `signal` bound the wait for a connection.
+   */
+  copyFrom(sql: string, options?: CallOptions): Promise<import('node:stream').Writable & { rowCount?: number }>
+  /**
+   * PostgreSQL: `COPY … TO STDOUT` as a Node `Readable` of the server's bytes, read only
+   * as fast as it is consumed. `destroy()` cancels the COPY on the server and returns
+   * the connection clean.
+   */
+  copyTo(sql: string, options?: CallOptions): Promise<import('node:stream').Readable>
+}
+
+/** Internal: the native side of `copyFrom()` (wrappers.js wraps it in a Node `Writable`). */
+export declare class CopyInHandle {
+  /** Hands one chunk to the server; resolves when more may be written. */
+  write(chunk: Buffer): Promise<void>
+  /** Ends the data; resolves with the rows the server copied. */
+  finish(): Promise<number>
+  /** Aborts the COPY on the server and releases the connection. Idempotent. */
+  abort(): void
+}
+
+/** Internal: the native side of `copyTo()` (wrappers.js wraps it in a Node `Readable`). */
+export declare class CopyOutHandle {
+  /** The next chunk, or `null` at the end. */
+  read(): Promise<Buffer | null>
+  /** Stops the COPY early (cancelled on the server) and releases the connection. */
+  close(): void
+}
+
+/** One subscription on the pool's listening connection. */
+export declare class Listener {
+  get channel(): string
+  /** Exceptions thrown by this listener's callbacks so far. */
+  get errors(): number
+  /** Stops listening (UNLISTEN when it was the channel's last listener). Idempotent. */
+  unlisten(): Promise<void>
+  /** `await using l = await pool.listen(…)` unlistens here. */
+  [globalThis.Symbol.asyncDispose](): Promise<void>
 }
 
 /**
@@ -185,9 +272,11 @@ export declare class Model {
   /** True while the model is in the cache and this handle is not released. */
   get resident(): boolean
   /**
-   * Runs the model on a background thread. Input: `Float32Array` of `batch × sequenceLength ×
-   * inputSize` floats; output: `batch × outputSize`. Rejects with `INVALID_ARGUMENT` (input
-   * length, saying expected vs got) or `MODEL_EVICTED`.
+   * Runs the model on the compute pool, or — a CPU model whose forward pass at this batch
+   * size is estimated under the cache's `inlineMicros` — on the calling thread, returning a
+   * settled promise. Input: `Float32Array` of `batch × sequenceLength × inputSize` floats;
+   * output: `batch × outputSize`. Rejects with `INVALID_ARGUMENT` (input length, saying
+   * expected vs got) or `MODEL_EVICTED`.
    */
   predict(input: Float32Array, options?: PredictOptions | undefined | null): Promise<Float32Array>
   /**
@@ -256,6 +345,12 @@ export declare class ModelCache {
   memoryUsage(): ModelMemoryUsage
   /** Free and total memory of the cache's GPU after a device sync; `null` on the CPU. */
   deviceMemory(): DeviceMemory | null
+  /**
+   * The GPU and how its kernels were built, e.g. `'NVIDIA H200, sm_90, kernels: sm_90
+   * CUBIN, NVRTC 12.9'` (PTX when NVRTC could not build the device's own CUBIN); `null` on
+   * the CPU.
+   */
+  deviceInfo(): string | null
 }
 
 /**
@@ -265,16 +360,29 @@ export declare class ModelCache {
  */
 export declare class PooledConnection {
   /** Runs one statement on this connection and returns its rows. */
-  query(sql: string, params?: unknown[]): Promise<QueryResult>
+  query(sql: string, params?: unknown[], options?: CallOptions): Promise<QueryResult>
   /** Runs one statement for its effect on this connection. */
-  execute(sql: string, params?: unknown[]): Promise<ExecuteResult>
+  execute(sql: string, params?: unknown[], options?: CallOptions): Promise<ExecuteResult>
+  /**
+   * SQLite: runs one statement on this connection on the calling thread (statements
+   * issued before it must have finished).
+   */
+  querySync(sql: string, params?: unknown[]): QueryResult
+  /** SQLite: runs one statement for its effect on this connection on the calling thread. */
+  executeSync(sql: string, params?: unknown[]): ExecuteResult
   /**
    * Redis: runs one command on this connection, e.g. `command('INCR', 'k')` (or with the
    * arguments as one array).
    */
-  command(name: string, ...args: Array<string | number | bigint | Buffer> | [Array<string | number | bigint | Buffer>]): Promise<unknown>
+  command(name: string, ...args: Array<string | number | bigint | Buffer | CallOptions> | [Array<string | number | bigint | Buffer>, CallOptions?]): Promise<unknown>
   /** Redis: several commands in one round trip on this connection. */
-  pipeline(commands: Array<[string, ...Array<string | number | bigint | Buffer>]>): Promise<unknown[]>
+  pipeline(commands: Array<[string, ...Array<string | number | bigint | Buffer>]>, options?: CallOptions): Promise<unknown[]>
+  /**
+   * PostgreSQL: streams the rows of `sql` in batches through a cursor (DECLARE … FETCH)
+   * on this lease, inside its open transaction (or one of its own). `break`, a throw,
+   * `timeoutMs` or `signal` close the cursor. For SQLite use `pool.cursor`.
+   */
+  cursor(sql: string, params?: unknown[], options?: CursorOptions): AsyncIterable<Array<Record<string, any>>>
   /** True once released; further calls fail with `POOL_CLOSED`. */
   get released(): boolean
   /**
@@ -326,6 +434,17 @@ export declare class PrometheusCollector {
   metrics(): string
 }
 
+/**
+ * Internal: the native side of a SQLite `cursor()` (wrappers.js turns it into an async
+ * iterator). It holds a connection of its own until it ends or is closed.
+ */
+export declare class RowCursor {
+  /** The next batch, or `null` at the end (the connection is then released). */
+  next(options?: unknown | undefined | null, cancel?: Cancellation | undefined | null): Promise<QueryResult | null>
+  /** Stops the statement and releases the connection. Idempotent. */
+  close(): void
+}
+
 /** Alert thresholds in percent; each level set must satisfy warning ≤ error ≤ critical. */
 export interface AlertThresholdsOptions {
   /** Resident memory / memory limit. Default 70 / 85 / 95. */
@@ -340,10 +459,35 @@ export interface AlertThresholdsOptions {
   cacheMissPercent?: ThresholdLevels
 }
 
+/** Bounds on one call. The wait for a connection counts against them too. */
+export interface CallOptions {
+  /**
+   * Fail with `QUERY_TIMEOUT` after this many ms. A running PostgreSQL statement is
+   * cancelled on the server (and its connection goes back idle), SQLite is interrupted,
+   * a Redis command's connection is closed.
+   */
+  timeoutMs?: number
+  /**
+   * Abort with an `AbortError` (`code: 'ABORT_ERR'`, the signal's reason as `cause`),
+   * stopping the call the same way. An already-aborted signal rejects at once.
+   */
+  signal?: AbortSignal
+}
+
 /** Options for `close()`. */
 export interface CloseOptions {
   /** How long queued and running work may take before sockets are closed. Default 10 000. */
   timeoutMs?: number
+}
+
+/** Options for `cursor()`. */
+export interface CursorOptions {
+  /** Rows per batch (default 1000). Memory stays bounded by it, not by the result. */
+  batchSize?: number
+  /** Bound on the whole iteration; past it the cursor is closed with `QUERY_TIMEOUT`. */
+  timeoutMs?: number
+  /** Closes the cursor with an `AbortError`. */
+  signal?: AbortSignal
 }
 
 /** Free and total memory of the cache's GPU. */
@@ -396,6 +540,13 @@ export interface HealthCheck {
   message: string
 }
 
+/** Open connections to one server. */
+export interface HostConnections {
+  /** `host:port` (never credentials). */
+  host: string
+  connections: number
+}
+
 /** A lease or model handle held longer than its leak threshold. */
 export interface LeakReport {
   /** `lease` (a pool connection) or `model` (a model handle). */
@@ -416,6 +567,17 @@ export interface LeaseLeak {
   ageMs: number
   /** The JavaScript stack of the `acquire()` call. */
   stack?: string
+}
+
+/** Options for `listen()`. */
+export interface ListenOptions {
+  /**
+   * Called after the first LISTEN and again after every reconnect: resync what may have
+   * been missed while the connection was down.
+   */
+  onListen?: () => void
+  /** Redis: `channel` is a pattern (PSUBSCRIBE). */
+  pattern?: boolean
 }
 
 /** Overall health: any critical check makes it `unhealthy`, any warning or error `degraded`. */
@@ -609,6 +771,17 @@ export interface ModelCacheOptions {
   device?: string
   /** Per-model bound on idle inference workspaces kept for reuse. Default 64 MiB. */
   tensorCacheBytes?: number
+  /**
+   * Threads one CPU forward pass may use: a large batch is split across them (a small one
+   * runs on one). Default 0: every core (rayon's pool, `RAYON_NUM_THREADS` to change it).
+   */
+  threads?: number
+  /**
+   * `predict` runs a CPU model on the calling (main) thread and returns a settled promise
+   * when the model's forward pass at that batch size is estimated (moving average of its
+   * measured runs) under this many microseconds. Default 20; 0 always uses the compute pool.
+   */
+  inlineMicros?: number
   /** Label in metrics. Default `models`. */
   name?: string
 }
@@ -762,6 +935,10 @@ export interface PoolMetrics {
   destroyed: number
   /** Leases collected by the garbage collector without `release()`. */
   leakedLeases: number
+  /** Exceptions thrown by `listen()` callbacks (reported, the others carried on). */
+  listenerErrors: number
+  /** Statements run on the calling thread (SQLite: cheap statements and `querySync`). */
+  inlineStatements: number
   /** Acquires refused at once because `maxWaiting` callers were queued. */
   rejected: number
   /** Time to check out a connection. */
@@ -799,10 +976,28 @@ export interface PoolOptions {
   leakDetectionMs?: number
   /** Prepared statements cached per connection. Turn off for PgBouncer transaction mode. Default true. */
   statementCache?: boolean
+  /**
+   * Default bound on every statement, in ms; 0 = off (default). PostgreSQL enforces it on
+   * the server (`statement_timeout`, sent at connect), SQLite interrupts the statement,
+   * Redis closes the command's connection. Fails with `QUERY_TIMEOUT`.
+   */
+  statementTimeoutMs?: number
+  /**
+   * SQLite: a statement whose average running time is at most this many µs (default 200,
+   * 0..2000, 0 = never) runs on the calling thread when a connection is idle, settling at
+   * once; the run is cut off at 2 ms and then taken off the thread.
+   */
+  inlineMicros?: number
   /** TLS settings; `sslmode` in the URL is honoured too. */
   tls?: TlsOptions
   /** Label in metrics. Default: the backend name (`postgres`, `sqlite`, `redis`). */
   name?: string
+  /**
+   * Redis Cluster: `url` lists seed nodes (`redis://h1:p1,h2:p2,h3:p3`); keys are routed
+   * by slot, MOVED/ASK followed, failovers followed within `acquireTimeoutMs`. Pipelines
+   * must keep their keys in one slot; MULTI/WATCH/SELECT and listen are refused.
+   */
+  cluster?: boolean
   /** How int8 columns arrive: `bigint` (default) or `string`. */
   int8?: string
 }
@@ -823,6 +1018,8 @@ export interface PoolStatus {
   idle: number
   inUse: number
   waiting: number
+  /** PostgreSQL: open connections per server, e.g. which replicas a read pool reached. */
+  hosts: Array<HostConnections>
 }
 
 /** Options for one prediction. */

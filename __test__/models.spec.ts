@@ -282,6 +282,61 @@ describe('ModelCache: concurrency, ownership and GC', () => {
   })
 })
 
+describe('ModelCache: where predict runs (inlineMicros, threads)', () => {
+  /** True when `p` settled within a few microtasks: it ran on the calling thread (a result from
+   * the compute pool needs the event loop to come round). */
+  async function ranInline(p: Promise<unknown>): Promise<boolean> {
+    let done = false
+    void p.then(() => (done = true))
+    for (let i = 0; i < 5; i++) await Promise.resolve()
+    const inline = done
+    await p
+    return inline
+  }
+  const sample = () => path.join(ROOT, 'models/sample-mlp.safetensors')
+
+  it('a tiny model runs on the calling thread once its forward pass is measured under inlineMicros', async () => {
+    const model = await cpu().load('m', sample())
+    const x = randomInput(8, 11)
+    expect(await ranInline(model.predict(x))).toBe(false) // the first call is measured on the pool
+    for (let i = 0; i < 50; i++) model.predictSync(x) // every run feeds the estimate
+    const runs = await Promise.all(Array.from({ length: 20 }, () => ranInline(model.predict(x))))
+    expect(runs.filter(Boolean).length).toBeGreaterThanOrEqual(18)
+    expect(Buffer.from((await model.predict(x)).buffer)).toEqual(Buffer.from(model.predictSync(x).buffer))
+    // Another batch size is its own estimate: measured on the pool first.
+    expect(await ranInline(model.predict(randomInput(8 * 3, 12)))).toBe(false)
+  })
+
+  it('inlineMicros 0 keeps predict off the calling thread; so does a forward pass over the bound', async () => {
+    const never = await cpu({ inlineMicros: 0 }).load('m', sample())
+    const x = randomInput(8, 13)
+    for (let i = 0; i < 20; i++) never.predictSync(x)
+    expect(await ranInline(never.predict(x))).toBe(false)
+    const big = await cpu().load('big', exportMlp('inline-big', 7, [64, 256, 256, 1], ['relu', 'relu', 'none']))
+    const batch = randomInput(1024 * 64, 14) // ~1–3 ms of work, far over the 20 µs default
+    for (let i = 0; i < 3; i++) big.predictSync(batch)
+    expect(await ranInline(big.predict(batch))).toBe(false)
+  })
+
+  it('threads: 1 gives the same bits as the default split across cores', async () => {
+    const file = exportMlp('threads', 8, [64, 256, 256, 1], ['relu', 'relu', 'none'])
+    const one = await cpu({ threads: 1 }).load('m', file)
+    const all = await cpu().load('m', file)
+    for (const batch of [1, 7, 256, 1000]) {
+      const x = randomInput(batch * 64, 100 + batch)
+      const a = Buffer.from((await one.predict(x)).buffer)
+      expect(Buffer.from((await all.predict(x)).buffer).equals(a)).toBe(true)
+      expect(Buffer.from(all.predictSync(x).buffer).equals(a)).toBe(true)
+    }
+  })
+
+  it('a bad threads or inlineMicros is INVALID_ARGUMENT', async () => {
+    for (const options of [{ threads: -1 }, { threads: 1.5 }, { inlineMicros: -5 }, { inlineMicros: Number.NaN }]) {
+      expect(await codeOf(() => cpu(options))).toBe('INVALID_ARGUMENT')
+    }
+  })
+})
+
 describe('ModelCache: devices and bad input never crash', () => {
   it('falls back to the CPU with device auto, and says so', async () => {
     const cache = new ModelCache({ device: 'auto', cleanupIntervalMs: 0 })

@@ -602,9 +602,9 @@ impl Model {
         // The input is copied into the model's workspace here, on the main thread. A tiny
         // forward pass runs right here too: a hand-off to another thread and back costs more
         // than the work. Otherwise the job owns everything it touches (nothing borrowed from a
-        // JS object) and runs on rayon's pool, whose idle threads spin briefly before
-        // sleeping, so back-to-back calls skip the wake-up a libuv work item pays; the result
-        // settles through the batched completion queue.
+        // JS object) and runs on rayon's pool (`run_on_pool`), whose idle threads spin
+        // briefly before sleeping, so back-to-back calls skip the wake-up a libuv work item
+        // pays; the result settles through the batched completion queue.
         let mut prepared = match self.start(&input, options) {
             Ok(p) => p,
             Err(e) => return settled(env, Err(e)),
@@ -624,12 +624,7 @@ impl Model {
             }
             Ok(PredictOutput(p))
         })?;
-        rayon::spawn(move || {
-            let mut p = prepared;
-            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.run()))
-                .unwrap_or_else(|_| Err(Error::internal("the prediction panicked")));
-            complete(ran.map(|()| p));
-        });
+        prepared.run_on_pool(complete);
         Ok(promise)
     }
 

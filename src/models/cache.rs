@@ -19,10 +19,11 @@ use tokio::sync::OnceCell;
 use crate::error::{Error, ErrorCode, Result};
 use crate::metrics::{CacheRecorder, EvictionReason, Registry};
 use crate::models::cpu;
-use crate::models::cuda::CudaModel;
+use crate::models::cuda::{Budget, CudaModel};
 use crate::models::device::{Device, DeviceRequest};
 use crate::models::format::{ModelFile, ModelSpec};
 use crate::models::memory::{Accounting, Bucket, Ledger, MemoryUsage, TensorCache};
+use crate::models::timing::ForwardTimes;
 use crate::shared::{Directory, Shareable};
 
 /// Cache settings; see `ModelCacheOptions` in the binding for their documentation.
@@ -40,7 +41,15 @@ pub struct CacheConfig {
     pub device: DeviceRequest,
     /// Per-model bound on idle workspace bytes kept for reuse.
     pub tensor_cache_bytes: usize,
+    /// Threads one CPU forward pass may use (a large batch is split across them); 0: all.
+    pub threads: usize,
+    /// `predict` runs a CPU model on the calling thread when its forward pass at that batch
+    /// size is estimated under this; zero never does.
+    pub inline_below: Duration,
 }
+
+/// The default of [`CacheConfig::inline_below`]: the most a `predict` may hold the caller.
+pub const INLINE_BELOW: Duration = Duration::from_micros(20);
 
 impl Default for CacheConfig {
     fn default() -> Self {
@@ -52,6 +61,8 @@ impl Default for CacheConfig {
             cleanup_interval: Some(Duration::from_secs(300)),
             device: DeviceRequest::Auto,
             tensor_cache_bytes: 64 << 20,
+            threads: 0,
+            inline_below: INLINE_BELOW,
         }
     }
 }
@@ -97,11 +108,19 @@ pub struct ModelEntry {
     ledger: Arc<Ledger>,
     /// Host weight bytes, freed with the entry.
     host_weight_bytes: usize,
-    /// Bytes counted against `max_bytes`.
+    /// Bytes counted against `max_bytes`: weights.
     resident_bytes: u64,
+    /// Device workspace bytes counted against `max_bytes` too (changed under the state lock).
+    workspace_bytes: AtomicU64,
+    /// The cache, for the workspace's share of the byte bound.
+    cache: Weak<CacheInner>,
     evicted: AtomicBool,
     /// Nanoseconds since the cache's epoch at the last use.
     last_used: AtomicU64,
+    /// Threads a forward pass may use (resolved from the config).
+    threads: usize,
+    inline_below: Duration,
+    times: ForwardTimes,
 }
 
 impl Drop for ModelEntry {
@@ -193,7 +212,8 @@ impl CacheInner {
     /// Marks an entry evicted and counts it; its memory goes when the last in-flight call ends.
     fn retire(&self, state: &mut State, entry: &Arc<ModelEntry>, reason: EvictionReason) {
         entry.evicted.store(true, Ordering::Release);
-        state.resident_bytes -= entry.resident_bytes;
+        state.resident_bytes -=
+            entry.resident_bytes + entry.workspace_bytes.load(Ordering::Relaxed);
         self.recorder.record_eviction(reason);
         self.recorder.models.set(state.lru.len() as i64);
     }
@@ -252,7 +272,7 @@ impl CacheInner {
         Ok(())
     }
 
-    fn build(&self, id: &str, source: ModelSource) -> Result<ModelEntry> {
+    fn build(self: &Arc<Self>, id: &str, source: ModelSource) -> Result<ModelEntry> {
         let (file, source) = match source {
             ModelSource::Path(path) => (ModelFile::open(&path)?, Some(path)),
             ModelSource::Bytes(bytes) => (ModelFile::from_bytes(&bytes)?, None),
@@ -271,8 +291,13 @@ impl CacheInner {
                 ledger.allocated(Bucket::ModelData, bytes);
                 (Backend::Cpu(file), bytes, bytes as u64)
             }
-            Device::Cuda(gpu) => {
-                let model = CudaModel::upload(gpu, &file, Arc::clone(&ledger))?;
+            Device::Cuda(_) => {
+                let gpu = self
+                    .device
+                    .gpu()
+                    .ok_or_else(|| Error::internal("no GPU"))??;
+                let keep = self.config.tensor_cache_bytes;
+                let model = CudaModel::upload(&gpu, &file, Arc::clone(&ledger), keep)?;
                 let bytes = model.weight_bytes() as u64;
                 (Backend::Cuda(Box::new(model)), 0, bytes)
             }
@@ -286,8 +311,13 @@ impl CacheInner {
             ledger,
             host_weight_bytes,
             resident_bytes,
+            workspace_bytes: AtomicU64::new(0),
+            cache: Arc::downgrade(self),
             evicted: AtomicBool::new(false),
             last_used: AtomicU64::new(self.now()),
+            threads: cpu::threads(self.config.threads),
+            inline_below: self.config.inline_below,
+            times: ForwardTimes::default(),
         })
     }
 
@@ -511,10 +541,18 @@ impl ModelCache {
 
     /// `(free, total)` device memory when the cache runs on a GPU.
     pub fn device_memory(&self) -> Option<Result<(usize, usize)>> {
-        match &self.inner.device {
-            Device::Cpu => None,
-            Device::Cuda(gpu) => Some(gpu.mem_get_info()),
-        }
+        self.inner
+            .device
+            .gpu()
+            .map(|gpu| gpu.and_then(|g| g.mem_get_info()))
+    }
+
+    /// The GPU and how its kernels were built, when the cache runs on one.
+    pub fn device_info(&self) -> Option<Result<String>> {
+        self.inner
+            .device
+            .gpu()
+            .map(|gpu| gpu.map(|g| g.describe().to_string()))
     }
 
     pub fn ttl(&self) -> Option<Duration> {
@@ -688,7 +726,7 @@ impl ModelHandle {
         }
         let output_len = batch * entry.spec.output_size;
         let workspace_len = match entry.backend {
-            Backend::Cpu(_) => cpu::workspace_len(&entry.spec, batch)?,
+            Backend::Cpu(_) => cpu::workspace_len(&entry.spec, batch, entry.threads)?,
             Backend::Cuda(_) => 0,
         };
         let total = [input_len, output_len, workspace_len]
@@ -735,6 +773,14 @@ impl Prediction {
         self.batch
     }
 
+    /// True when this call may run on the caller's thread: a CPU model whose measured forward
+    /// pass at this batch size is under the cache's `inline_below` (the first call at a batch
+    /// size is measured off the caller's thread). GPU calls never do: they wait for the device.
+    pub fn fits_calling_thread(&self) -> bool {
+        matches!(self.entry.backend, Backend::Cpu(_))
+            && self.entry.times.under(self.batch, self.entry.inline_below)
+    }
+
     /// Runs the model on the input; the result is then in [`output`](Self::output).
     pub fn run(&mut self) -> Result<()> {
         let started = Instant::now();
@@ -744,14 +790,24 @@ impl Prediction {
         // A panic here would be a bug; it must still never unwind into Node.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &entry.backend {
             Backend::Cpu(file) => {
-                cpu::forward(&entry.spec, &file.weights, input, batch, workspace, output);
+                let (spec, threads) = (&entry.spec, entry.threads);
+                cpu::forward(
+                    spec,
+                    &file.weights,
+                    input,
+                    batch,
+                    threads,
+                    workspace,
+                    output,
+                );
                 Ok(())
             }
-            Backend::Cuda(model) => model.forward(input, batch, output),
+            Backend::Cuda(model) => model.forward(input, batch, output, &WorkspaceBudget(entry)),
         }))
         .map_err(|_| Error::internal(format!("model '{}' failed while running", entry.id)))??;
         self.done = true;
         let elapsed = started.elapsed();
+        self.entry.times.record(self.batch, elapsed);
         let model = self.entry.ledger.model_recorder();
         model.predicts.inc();
         model.predict_latency.record(elapsed);
@@ -761,6 +817,18 @@ impl Prediction {
             .predict_latency
             .record(elapsed);
         Ok(())
+    }
+
+    /// Runs the prediction on rayon's pool and hands the outcome to `done` there. (Keeping the
+    /// thread spinning for the next call, as onnxruntime's intra-op threads do, was measured
+    /// slower on 2 cores: the spinner takes the core the main thread needs to settle.)
+    pub fn run_on_pool(self, done: impl FnOnce(Result<Prediction>) + Send + 'static) {
+        rayon::spawn(move || {
+            let mut p = self;
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.run()))
+                .unwrap_or_else(|_| Err(Error::internal("the prediction panicked")));
+            done(ran.map(|()| p));
+        });
     }
 
     pub fn output(&self) -> &[f32] {
@@ -774,6 +842,66 @@ impl Drop for Prediction {
         self.entry
             .tensors
             .give_back(std::mem::take(&mut self.buffer));
+    }
+}
+
+/// A GPU model's workspace counted against its cache's `max_bytes`, as weights are: room is
+/// made by evicting other models, least recently used first.
+struct WorkspaceBudget<'a>(&'a Arc<ModelEntry>);
+
+impl Budget for WorkspaceBudget<'_> {
+    fn reserve(&self, bytes: usize) -> Result<()> {
+        let entry = self.0;
+        let Some(cache) = entry.cache.upgrade() else {
+            return Ok(());
+        };
+        let bytes = bytes as u64;
+        let mut retired = Vec::new();
+        let mut state = cache.state.lock();
+        if entry.evicted.load(Ordering::Acquire) {
+            return Ok(()); // finishing an in-flight call; no longer counted
+        }
+        let own = entry.resident_bytes + entry.workspace_bytes.load(Ordering::Relaxed);
+        if own + bytes > cache.config.max_bytes {
+            return Err(Error::new(
+                ErrorCode::DeviceOutOfMemory,
+                format!(
+                    "model '{}' needs a {bytes}-byte GPU workspace for this batch; with its {own} bytes that is more than maxBytes ({})",
+                    entry.id, cache.config.max_bytes
+                ),
+            ));
+        }
+        while state.resident_bytes + bytes > cache.config.max_bytes {
+            let oldest = state
+                .lru
+                .iter()
+                .rev()
+                .find(|(_, e)| !Arc::ptr_eq(e, entry))
+                .map(|(id, _)| id.clone());
+            let Some(old) = oldest.and_then(|id| state.lru.pop(&id)) else {
+                break;
+            };
+            cache.retire(&mut state, &old, EvictionReason::Bytes);
+            retired.push(old);
+        }
+        state.resident_bytes += bytes;
+        entry.workspace_bytes.fetch_add(bytes, Ordering::Relaxed);
+        drop(state);
+        drop(retired); // freed outside the lock
+        Ok(())
+    }
+
+    fn release(&self, bytes: usize) {
+        let entry = self.0;
+        let Some(cache) = entry.cache.upgrade() else {
+            return;
+        };
+        let bytes = (bytes as u64).min(entry.workspace_bytes.load(Ordering::Relaxed));
+        let mut state = cache.state.lock();
+        entry.workspace_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        if !entry.evicted.load(Ordering::Acquire) {
+            state.resident_bytes -= bytes;
+        }
     }
 }
 
@@ -808,6 +936,7 @@ mod tests {
                 cleanup_interval: None,
                 device: DeviceRequest::Cpu,
                 tensor_cache_bytes: 1 << 20,
+                ..CacheConfig::default()
             },
             &Registry::new(),
         )
@@ -942,6 +1071,31 @@ mod tests {
             ErrorCode::InvalidArgument
         );
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test]
+    async fn a_tiny_forward_pass_may_run_on_the_caller_once_measured_and_within_the_bound() {
+        let config = |inline_below| CacheConfig {
+            device: DeviceRequest::Cpu,
+            inline_below,
+            ..CacheConfig::default()
+        };
+        // A bound a debug build's first runs fit under, too.
+        let c =
+            ModelCache::with_registry(config(Duration::from_secs(1)), &Registry::new()).unwrap();
+        let h = c.load("a".into(), model(1)).await.unwrap();
+        let fits = |batch: usize| h.prepare(batch * 4, None).unwrap().fits_calling_thread();
+        assert!(
+            !fits(1),
+            "the first call at a batch size is measured, not guessed"
+        );
+        predict(&h, &[0.5; 4], None).unwrap();
+        assert!(fits(1));
+        assert!(!fits(2), "another batch size is measured on its own");
+        let never = ModelCache::with_registry(config(Duration::ZERO), &Registry::new()).unwrap();
+        let h = never.load("a".into(), model(1)).await.unwrap();
+        predict(&h, &[0.5; 4], None).unwrap();
+        assert!(!h.prepare(4, None).unwrap().fits_calling_thread());
     }
 
     #[tokio::test]

@@ -1,15 +1,15 @@
-//! CPU inference: batched GEMM (`gemm` crate) for dense layers and LSTM projections.
-//! A forward pass allocates nothing: every intermediate lives in a caller-provided workspace
-//! whose size [`workspace_len`] computes.
-
-use gemm::Parallelism;
+//! CPU inference: batched GEMMs ([`matmul`](crate::models::matmul)) for dense layers and LSTM
+//! projections. A forward pass allocates nothing: every intermediate lives in a caller-provided
+//! workspace whose size [`workspace_len`] computes. A large batch is split across up to
+//! `threads` of rayon's pool; a small one runs wholly on the calling thread.
 
 use crate::error::{Error, Result};
 use crate::models::format::{
     Activation, Architecture, DenseSpec, LstmLayerSpec, ModelSpec, Weights,
 };
+use crate::models::matmul::{matmul, Shape};
 
-/// Below this many multiply-adds a GEMM runs on the calling thread; above, on rayon's pool.
+/// A GEMM this large, in a batch too small to split, may use rayon's pool by itself.
 const PARALLEL_MACS: usize = 1 << 21;
 
 fn too_large(batch: usize) -> Error {
@@ -38,15 +38,26 @@ fn sample_macs(spec: &ModelSpec) -> usize {
     }
 }
 
-/// How many parts a batch is split into, each run on its own thread (samples are independent).
-fn parts(spec: &ModelSpec, batch: usize) -> usize {
-    let by_work = batch.saturating_mul(sample_macs(spec)) / MIN_PART_MACS;
-    rayon::current_num_threads().min(batch).min(by_work).max(1)
+/// Threads a cache's forward passes may use: `0` means every thread of rayon's pool (one per
+/// core unless `RAYON_NUM_THREADS` says otherwise).
+pub fn threads(requested: usize) -> usize {
+    let pool = rayon::current_num_threads();
+    if requested == 0 {
+        pool
+    } else {
+        requested.min(pool)
+    }
 }
 
-/// Floats of scratch space a forward pass over `batch` samples needs.
-pub fn workspace_len(spec: &ModelSpec, batch: usize) -> Result<usize> {
-    split_len(spec, batch, parts(spec, batch))
+/// How many parts a batch is split into, each run on its own thread (samples are independent).
+fn parts(spec: &ModelSpec, batch: usize, threads: usize) -> usize {
+    let by_work = batch.saturating_mul(sample_macs(spec)) / MIN_PART_MACS;
+    threads.min(batch).min(by_work).max(1)
+}
+
+/// Floats of scratch space a forward pass over `batch` samples on `threads` needs.
+pub fn workspace_len(spec: &ModelSpec, batch: usize, threads: usize) -> Result<usize> {
+    split_len(spec, batch, parts(spec, batch, threads))
 }
 
 fn split_len(spec: &ModelSpec, batch: usize, parts: usize) -> Result<usize> {
@@ -87,30 +98,28 @@ fn part_len(spec: &ModelSpec, batch: usize) -> Result<usize> {
 }
 
 /// Runs the model on `batch` samples of `input`, writing `batch × output_size` floats to `out`.
-/// `input`, `out` and `workspace` (see [`workspace_len`]) must have the lengths the spec implies.
-/// Large batches are split in halves run on rayon's pool; a sample's result does not depend on
-/// the other samples, and a given batch size always splits the same way.
+/// `input`, `out` and `workspace` (see [`workspace_len`], same `threads`) must have the lengths
+/// the spec implies. Large batches are split in halves run on rayon's pool (at most `threads`
+/// parts); a sample's result does not depend on the other samples, and a given batch size
+/// always splits the same way.
 pub fn forward(
     spec: &ModelSpec,
     weights: &Weights,
     input: &[f32],
     batch: usize,
+    threads: usize,
     workspace: &mut [f32],
     out: &mut [f32],
 ) {
     assert_eq!(input.len(), batch * spec.sample_len(), "input length");
     assert_eq!(out.len(), batch * spec.output_size, "output length");
-    forward_split(
-        spec,
-        weights,
-        input,
-        batch,
-        workspace,
-        out,
-        parts(spec, batch),
-    );
+    let parts = parts(spec, batch, threads);
+    // One part on a caller outside the pool: a large layer may still use the pool by itself.
+    let wide = parts == 1 && threads > 1 && rayon::current_thread_index().is_none();
+    forward_split(spec, weights, input, batch, workspace, out, parts, wide);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn forward_split(
     spec: &ModelSpec,
     weights: &Weights,
@@ -119,34 +128,57 @@ fn forward_split(
     workspace: &mut [f32],
     out: &mut [f32],
     parts: usize,
+    wide: bool,
 ) {
     if parts <= 1 {
-        return forward_part(spec, weights, input, batch, workspace, out);
+        let layers = Layers { weights, wide };
+        return forward_part(spec, layers, input, batch, workspace, out);
     }
     let left = batch / 2;
     let (in_a, in_b) = input.split_at(left * spec.sample_len());
     let (out_a, out_b) = out.split_at_mut(left * spec.output_size);
     let ws_left = split_len(spec, left, parts / 2).unwrap_or(0);
     let (ws_a, ws_b) = workspace.split_at_mut(ws_left);
-    rayon::join(
-        || forward_split(spec, weights, in_a, left, ws_a, out_a, parts / 2),
-        || {
-            forward_split(
-                spec,
-                weights,
-                in_b,
-                batch - left,
-                ws_b,
-                out_b,
-                parts - parts / 2,
-            )
-        },
-    );
+    let mut first = move || forward_split(spec, weights, in_a, left, ws_a, out_a, parts / 2, false);
+    let rest = parts - parts / 2;
+    let mut second =
+        move || forward_split(spec, weights, in_b, batch - left, ws_b, out_b, rest, false);
+    if rayon::current_thread_index().is_some() {
+        rayon::join(first, second);
+    } else {
+        // A caller outside the pool (predictSync) computes one half itself: one pool thread
+        // to wake instead of two.
+        rayon::in_place_scope(|s| {
+            s.spawn(move |_| second());
+            first();
+        });
+    }
+}
+
+/// The weights and whether one GEMM may use rayon's pool by itself.
+#[derive(Clone, Copy)]
+struct Layers<'w> {
+    weights: &'w Weights,
+    wide: bool,
+}
+
+impl Layers<'_> {
+    fn gemm(&self, s: Shape, lhs: &[f32], w: &[f32], dst: &mut [f32], accumulate: bool) {
+        let macs = s.rows.saturating_mul(s.cols).saturating_mul(s.depth);
+        matmul(
+            s,
+            lhs,
+            w,
+            dst,
+            accumulate,
+            self.wide && macs >= PARALLEL_MACS,
+        );
+    }
 }
 
 fn forward_part(
     spec: &ModelSpec,
-    weights: &Weights,
+    weights: Layers,
     input: &[f32],
     batch: usize,
     workspace: &mut [f32],
@@ -199,7 +231,7 @@ fn forward_part(
 }
 
 fn dense_stack(
-    weights: &Weights,
+    weights: Layers,
     layers: &[DenseSpec],
     input: &[f32],
     batch: usize,
@@ -222,85 +254,30 @@ fn dense_stack(
 }
 
 /// `out = act(x · Wᵀ + b)` for `rows` rows.
-fn dense(weights: &Weights, layer: &DenseSpec, x: &[f32], rows: usize, out: &mut [f32]) {
-    let w = weights.tensor(layer.weight);
-    let bias = layer.bias.map(|b| weights.tensor(b));
+fn dense(weights: Layers, layer: &DenseSpec, x: &[f32], rows: usize, out: &mut [f32]) {
+    let w = weights.weights.tensor(layer.weight);
+    let bias = layer.bias.map(|b| weights.weights.tensor(b));
     if let Some(bias) = bias {
         for row in out.chunks_exact_mut(layer.outputs) {
             row.copy_from_slice(bias);
         }
     }
-    matmul(
+    let shape = Shape {
         rows,
-        layer.outputs,
-        layer.inputs,
-        x,
-        layer.inputs,
-        w,
-        out,
-        layer.outputs,
-        bias.is_some(),
-    );
-    activate(layer.activation, out);
-}
-
-/// `dst[r·dst_stride + j] (+)= Σₖ lhs[r·lhs_stride + k] · w[j·depth + k]` for `rows × cols`.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    rows: usize,
-    cols: usize,
-    depth: usize,
-    lhs: &[f32],
-    lhs_stride: usize,
-    w: &[f32],
-    dst: &mut [f32],
-    dst_stride: usize,
-    accumulate: bool,
-) {
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    assert!(w.len() >= cols * depth, "weight length");
-    assert!(lhs.len() >= (rows - 1) * lhs_stride + depth, "lhs length");
-    assert!(dst.len() >= (rows - 1) * dst_stride + cols, "dst length");
-    let macs = rows.saturating_mul(cols).saturating_mul(depth);
-    // Inside a split batch (already on rayon's pool) each part stays on its thread.
-    let parallelism = if macs >= PARALLEL_MACS && rayon::current_thread_index().is_none() {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
+        cols: layer.outputs,
+        depth: layer.inputs,
+        lhs_stride: layer.inputs,
+        dst_stride: layer.outputs,
     };
-    // SAFETY: the asserts above bound every index the strides reach; `dst` does not alias.
-    unsafe {
-        gemm::gemm(
-            rows,
-            cols,
-            depth,
-            dst.as_mut_ptr(),
-            1,
-            dst_stride as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            lhs_stride as isize,
-            w.as_ptr(),
-            depth as isize,
-            1,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    weights.gemm(shape, x, w, out, bias.is_some());
+    activate(layer.activation, out);
 }
 
 /// One LSTM layer over the whole sequence. Leaves the last hidden state in `h`; writes every
 /// step's hidden state to `seq_out` when the next layer needs it.
 #[allow(clippy::too_many_arguments)]
 fn lstm_layer(
-    weights: &Weights,
+    weights: Layers,
     layer: &LstmLayerSpec,
     x: &[f32],
     batch: usize,
@@ -316,8 +293,9 @@ fn lstm_layer(
     let proj = &mut proj[..rows * gates];
     let h = &mut h[..batch * hidden];
     let c = &mut c[..batch * hidden];
-    let b_ih = layer.bias_ih.map(|b| weights.tensor(b));
-    let b_hh = layer.bias_hh.map(|b| weights.tensor(b));
+    let tensor = |id| weights.weights.tensor(id);
+    let b_ih = layer.bias_ih.map(tensor);
+    let b_hh = layer.bias_hh.map(tensor);
     let has_bias = b_ih.is_some() || b_hh.is_some();
     if has_bias {
         for row in proj.chunks_exact_mut(gates) {
@@ -327,35 +305,29 @@ fn lstm_layer(
         }
     }
     // Input projection for every (sample, step) row at once: [B·T, In] · W_ihᵀ.
-    matmul(
+    let shape = Shape {
         rows,
-        gates,
-        layer.inputs,
-        x,
-        layer.inputs,
-        weights.tensor(layer.weight_ih),
-        proj,
-        gates,
-        has_bias,
-    );
+        cols: gates,
+        depth: layer.inputs,
+        lhs_stride: layer.inputs,
+        dst_stride: gates,
+    };
+    weights.gemm(shape, x, tensor(layer.weight_ih), proj, has_bias);
     h.fill(0.0);
     c.fill(0.0);
-    let w_hh = weights.tensor(layer.weight_hh);
+    let w_hh = tensor(layer.weight_hh);
+    let recurrent = Shape {
+        rows: batch,
+        cols: gates,
+        depth: hidden,
+        lhs_stride: hidden,
+        dst_stride: steps * gates,
+    };
     for t in 0..steps {
         let step = &mut proj[t * gates..];
         if t > 0 {
             // Recurrent term for step t of every sample: rows b·T + t, stride T·4H.
-            matmul(
-                batch,
-                gates,
-                hidden,
-                h,
-                hidden,
-                w_hh,
-                step,
-                steps * gates,
-                true,
-            );
+            weights.gemm(recurrent, h, w_hh, step, true);
         }
         for b in 0..batch {
             let g = &step[b * steps * gates..b * steps * gates + gates];
@@ -404,9 +376,12 @@ mod tests {
     use crate::models::format::ModelFile;
 
     fn run(m: &ModelFile, input: &[f32], batch: usize) -> Vec<f32> {
-        let mut ws = vec![0.0; workspace_len(&m.spec, batch).unwrap()];
+        let threads = threads(0);
+        let mut ws = vec![0.0; workspace_len(&m.spec, batch, threads).unwrap()];
         let mut out = vec![0.0; batch * m.spec.output_size];
-        forward(&m.spec, &m.weights, input, batch, &mut ws, &mut out);
+        forward(
+            &m.spec, &m.weights, input, batch, threads, &mut ws, &mut out,
+        );
         out
     }
 
@@ -519,6 +494,6 @@ mod tests {
     #[test]
     fn workspace_size_overflow_is_an_error() {
         let m = ModelFile::from_bytes(&mlp(&[2, 3], "none", 1)).unwrap();
-        assert!(workspace_len(&m.spec, usize::MAX / 2).is_err());
+        assert!(workspace_len(&m.spec, usize::MAX / 2, 1).is_err());
     }
 }

@@ -1,6 +1,7 @@
-//! safetensors: the header is validated before anything is allocated from it, the
-//! `__metadata__` names the architecture, and the weights are either borrowed from a
-//! memory map (little-endian F32, 4-byte aligned) or copied into one owned buffer.
+//! safetensors: the header is parsed and its layout validated by the `safetensors` crate
+//! before anything is allocated from it, the `__metadata__` names the architecture, and the
+//! weights are either borrowed from a memory map (little-endian F32, 4-byte aligned) or copied
+//! into one owned buffer.
 //!
 //! The layout each architecture expects is documented in `docs/model-format.md`.
 
@@ -9,6 +10,7 @@ use std::fs::File;
 use std::path::Path;
 
 use memmap2::Mmap;
+use safetensors::{SafeTensorError, SafeTensors};
 use serde_json::Value;
 
 use crate::error::{Error, ErrorCode, Result};
@@ -33,17 +35,6 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    fn parse(name: &str, tensor: &str) -> Result<Dtype> {
-        match name {
-            "F32" => Ok(Dtype::F32),
-            "F16" => Ok(Dtype::F16),
-            "BF16" => Ok(Dtype::BF16),
-            other => Err(format_error(format!(
-                "tensor '{tensor}' has dtype {other}; supported dtypes are F32, F16 and BF16"
-            ))),
-        }
-    }
-
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
@@ -76,7 +67,11 @@ pub struct Header {
     pub data_start: usize,
 }
 
-/// Parses and validates the header of a safetensors file held in `file`.
+/// Parses and validates the header of a safetensors file held in `file`. The `safetensors`
+/// crate parses it and checks the layout (the tensors' data_offsets tile the data section in
+/// order, each spans exactly its shape × dtype, no size overflows); around it this checks the
+/// lengths first (to say which number is wrong) and then what this loader adds: dtypes it
+/// reads, ranks, the tensor count.
 pub fn parse_header(file: &[u8]) -> Result<Header> {
     if file.len() < 8 {
         return Err(format_error(format!(
@@ -101,53 +96,51 @@ pub fn parse_header(file: &[u8]) -> Result<Header> {
     if header_len < 2 {
         return Err(format_error("header is empty; expected a JSON object"));
     }
-    let header_len = header_len as usize;
-    let data_start = 8 + header_len;
-    let data_len = file.len() - data_start;
-    let json: Value = serde_json::from_slice(&file[8..data_start])
-        .map_err(|e| format_error(format!("header is not valid JSON: {e}")))?;
-    let Value::Object(entries) = json else {
-        return Err(format_error("header is not a JSON object"));
-    };
-    if entries.len() > MAX_TENSORS + 1 {
+    let data_start = 8 + header_len as usize;
+    let (_, parsed) = SafeTensors::read_metadata(file)
+        .map_err(|e| layout_error(e, &file[8..data_start], file.len() - data_start))?;
+    let infos = parsed.tensors();
+    if infos.len() > MAX_TENSORS {
         return Err(format_error(format!(
             "header lists {} tensors; the limit is {MAX_TENSORS}",
-            entries.len() - 1
+            infos.len()
         )));
     }
-
-    let mut metadata = BTreeMap::new();
-    let mut tensors = BTreeMap::new();
-    for (name, value) in entries {
-        if name == "__metadata__" {
-            let Value::Object(meta) = value else {
-                return Err(format_error("__metadata__ must be an object of strings"));
-            };
-            for (key, v) in meta {
-                let Value::String(s) = v else {
-                    return Err(format_error(format!("__metadata__.{key} must be a string")));
-                };
-                metadata.insert(key, s);
-            }
-            continue;
-        }
-        let info = parse_tensor(&name, &value, data_len)?;
-        tensors.insert(name, info);
-    }
-
-    let mut ranges: Vec<(usize, usize, &str)> = tensors
+    let metadata: BTreeMap<String, String> = parsed
+        .metadata()
         .iter()
-        .map(|(n, t)| (t.start, t.end, n.as_str()))
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    ranges.sort_unstable();
-    for pair in ranges.windows(2) {
-        let (prev, next) = (pair[0], pair[1]);
-        if next.0 < prev.1 {
+    let mut tensors = BTreeMap::new();
+    for (name, info) in infos {
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => Dtype::F32,
+            safetensors::Dtype::F16 => Dtype::F16,
+            safetensors::Dtype::BF16 => Dtype::BF16,
+            other => {
+                return Err(format_error(format!(
+                    "tensor '{name}' has dtype {other:?}; supported dtypes are F32, F16 and BF16"
+                )))
+            }
+        };
+        if info.shape.len() > MAX_RANK {
             return Err(format_error(format!(
-                "tensors '{}' and '{}' overlap in the data section",
-                prev.2, next.2
+                "tensor '{name}' has rank {}; the limit is {MAX_RANK}",
+                info.shape.len()
             )));
         }
+        let (start, end) = info.data_offsets;
+        let shape = info.shape.clone();
+        tensors.insert(
+            name,
+            TensorInfo {
+                dtype,
+                shape,
+                start,
+                end,
+            },
+        );
     }
     Ok(Header {
         metadata,
@@ -156,76 +149,52 @@ pub fn parse_header(file: &[u8]) -> Result<Header> {
     })
 }
 
-fn parse_tensor(name: &str, value: &Value, data_len: usize) -> Result<TensorInfo> {
-    let Value::Object(fields) = value else {
-        return Err(format_error(format!("tensor '{name}' is not an object")));
-    };
-    let dtype = match fields.get("dtype") {
-        Some(Value::String(s)) => Dtype::parse(s, name)?,
-        _ => return Err(format_error(format!("tensor '{name}' has no dtype string"))),
-    };
-    let Some(Value::Array(dims)) = fields.get("shape") else {
-        return Err(format_error(format!("tensor '{name}' has no shape array")));
-    };
-    if dims.len() > MAX_RANK {
-        return Err(format_error(format!(
-            "tensor '{name}' has rank {}; the limit is {MAX_RANK}",
-            dims.len()
-        )));
-    }
-    let mut shape = Vec::with_capacity(dims.len());
-    let mut elements: usize = 1;
-    for d in dims {
-        let dim = d
-            .as_u64()
-            .and_then(|d| usize::try_from(d).ok())
-            .ok_or_else(|| {
-                format_error(format!(
-                    "tensor '{name}' has a shape entry that is not a size: {d}"
-                ))
-            })?;
-        elements = elements
-            .checked_mul(dim)
-            .ok_or_else(|| format_error(format!("tensor '{name}' has an absurd shape {dims:?}")))?;
-        shape.push(dim);
-    }
-    let bytes = elements
-        .checked_mul(dtype.size())
-        .ok_or_else(|| format_error(format!("tensor '{name}' has an absurd shape {dims:?}")))?;
-    let offsets = match fields.get("data_offsets") {
-        Some(Value::Array(o)) if o.len() == 2 => o,
-        _ => {
-            return Err(format_error(format!(
-                "tensor '{name}' needs data_offsets [begin, end]"
-            )))
+/// What the `safetensors` crate rejected, said with the numbers that are wrong. `json` is the
+/// header (already known to be well-formed when the layout is what failed).
+fn layout_error(err: SafeTensorError, json: &[u8], data_len: usize) -> Error {
+    match err {
+        SafeTensorError::InvalidHeader(e) => {
+            format_error(format!("header is not valid UTF-8: {e}"))
         }
-    };
-    let offset = |v: &Value| {
-        v.as_u64()
-            .and_then(|v| usize::try_from(v).ok())
-            .ok_or_else(|| {
-                format_error(format!(
-                    "tensor '{name}' has a data offset that is not a size"
-                ))
-            })
-    };
-    let (start, end) = (offset(&offsets[0])?, offset(&offsets[1])?);
-    if start > end || end > data_len {
-        return Err(format_error(format!(
-            "tensor '{name}' spans bytes {start}..{end} but the data section has {data_len} bytes"
-        )));
+        SafeTensorError::InvalidHeaderDeserialization(e) => {
+            format_error(format!("header is not valid JSON (or not a safetensors header): {e}"))
+        }
+        SafeTensorError::ValidationOverflow => format_error(
+            "a tensor has an absurd shape: its element or byte count overflows".to_string(),
+        ),
+        SafeTensorError::InvalidOffset(name) => format_error(format!(
+            "tensor '{name}' overlaps another or leaves a gap: data_offsets must tile the data section in order"
+        )),
+        SafeTensorError::TensorInvalidInfo => format_error(
+            mismatched_tensor(json).unwrap_or_else(|| {
+                "a tensor's data_offsets span another byte count than its shape and dtype give"
+                    .to_string()
+            }),
+        ),
+        SafeTensorError::MetadataIncompleteBuffer => format_error(format!(
+            "the tensors' data_offsets do not end where the file does: the data section has {data_len} bytes"
+        )),
+        other => format_error(format!("invalid safetensors header: {other}")),
     }
-    if end - start != bytes {
-        return Err(format_error(format!(
-            "tensor '{name}' has shape {shape:?} ({bytes} bytes as {dtype:?}) but its data spans {} bytes",
-            end - start
-        )));
-    }
-    Ok(TensorInfo {
-        dtype,
-        shape,
-        start,
-        end,
+}
+
+/// Names the tensor whose byte span differs from its shape × dtype, for the message only.
+fn mismatched_tensor(json: &[u8]) -> Option<String> {
+    let Value::Object(entries) = serde_json::from_slice::<Value>(json).ok()? else {
+        return None;
+    };
+    entries.iter().find_map(|(name, t)| {
+        let dtype: safetensors::Dtype = serde_json::from_value(t.get("dtype")?.clone()).ok()?;
+        let shape: Vec<usize> = serde_json::from_value(t.get("shape")?.clone()).ok()?;
+        let [start, end]: [usize; 2] = serde_json::from_value(t.get("data_offsets")?.clone()).ok()?;
+        let elements = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d))?;
+        let bytes = elements.checked_mul(dtype.bitsize())? / 8;
+        (end.checked_sub(start)? != bytes).then(|| {
+            format!(
+                "tensor '{name}' has shape {shape:?} ({bytes} bytes as {dtype:?}) but its data spans {} bytes",
+                end - start
+            )
+        })
     })
 }
 

@@ -6,7 +6,9 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod format;
+pub mod matmul;
 pub mod memory;
+pub mod timing;
 
 pub use cache::{
     predict, CacheConfig, CacheStats, ModelCache, ModelHandle, ModelInfo, ModelSource, Prediction,
