@@ -8,8 +8,9 @@ export type FaultMode =
   /** Forward both ways. */
   | 'pass'
   /**
-   * Accept and read, discard both ways, never answer (nor pass on FIN or RST). Open flows
-   * resume under the next mode; flows accepted meanwhile stay silent for good.
+   * Accept and read, discard both ways, never answer (nor pass on RST). A FIN is held, as
+   * TCP retransmits it, and delivered if its flow resumes. Open flows resume under the next
+   * mode; flows accepted meanwhile stay silent for good.
    */
   | 'blackholeAll'
   /** The open flows go silent for good (a NAT that forgot them); new flows pass. */
@@ -53,6 +54,8 @@ interface Flow {
   queues: Record<Direction, Item[]>
   timers: Record<Direction, NodeJS.Timeout | undefined>
   connectTimer?: NodeJS.Timeout
+  /** A FIN that arrived while this way was blackholed, delivered when it opens again. */
+  heldFin: Record<Direction, boolean>
 }
 
 export async function startFaultProxy(target: { host: string; port: number }): Promise<FaultProxy> {
@@ -116,7 +119,10 @@ export async function startFaultProxy(target: { host: string; port: number }): P
   }
 
   const push = (flow: Flow, dir: Direction, data: Buffer | typeof END) => {
-    if (!allowed(flow, dir)) return
+    if (!allowed(flow, dir)) {
+      if (data === END && !flow.silent) flow.heldFin[dir] = true
+      return
+    }
     flow.queues[dir].push({ data, due: Date.now() + (latency().perChunkDelayMs ?? 0) })
     if (!flow.timers[dir]) pump(flow, dir)
   }
@@ -144,7 +150,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     track(client)
     if (closed || mode === 'resetAll') return reset(client)
     client.setNoDelay(true)
-    const flow: Flow = { client, upstreamReady: false, silent: mode === 'blackholeAll', queues: { up: [], down: [] }, timers: { up: undefined, down: undefined } }
+    const flow: Flow = { client, upstreamReady: false, silent: mode === 'blackholeAll', queues: { up: [], down: [] }, timers: { up: undefined, down: undefined }, heldFin: { up: false, down: false } }
     flows.add(flow)
     client.on('data', (chunk: Buffer) => push(flow, 'up', chunk))
     client.on('end', () => push(flow, 'up', END))
@@ -196,6 +202,14 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       if (next === 'refuse' && server) stopListening()
       if (next !== 'refuse' && !server) listen()
       mode = next
+      for (const flow of flows) {
+        for (const dir of ['up', 'down'] as const) {
+          if (flow.heldFin[dir] && allowed(flow, dir)) {
+            flow.heldFin[dir] = false
+            push(flow, dir, END)
+          }
+        }
+      }
     },
     resetAll: () => {
       for (const flow of flows) resetFlow(flow)

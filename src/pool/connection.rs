@@ -391,11 +391,12 @@ impl Connection {
         Err(err)
     }
 
-    /// Runs `op` within `bounds`. A bound that fires mid-statement stops it where it runs:
-    /// PostgreSQL gets a cancel request and the statement's own answer is awaited (so the
-    /// connection goes back idle, never busy), SQLite is interrupted, and a Redis command's
-    /// connection is closed. A statement that finished before the stop took effect reports
-    /// what it really did.
+    /// Runs `op` within `bounds`. A bound that fires mid-statement stops it where it runs,
+    /// and the caller is told at once: PostgreSQL gets a cancel request (sent in the
+    /// background) and the statement's own answer is awaited for [`STOP_WAIT`]; with no
+    /// answer by then the connection is closed rather than handed out busy. SQLite is
+    /// interrupted; a Redis command's connection is closed. A statement that finished
+    /// before the stop took effect reports what it really did.
     pub async fn run_within(&self, op: &Operation<'_>, bounds: &Bounds) -> Result<Outcome> {
         if !bounds.is_set() {
             return self.run(op).await;
@@ -410,11 +411,16 @@ impl Connection {
             outcome = &mut run => return outcome,
             fired = bounds.fired() => fired,
         };
-        match &self.backend {
+        let mut cancel = None;
+        let grace = match &self.backend {
             Backend::Postgres(pg) => {
-                let _ = tokio::time::timeout(STOP_GRACE, pg.cancel()).await;
+                cancel = Some(pg.cancel_in_background());
+                STOP_WAIT
             }
-            Backend::Sqlite(s) => s.interrupt(),
+            Backend::Sqlite(s) => {
+                s.interrupt();
+                STOP_GRACE
+            }
             Backend::Redis(_) | Backend::RedisCluster(_) => {
                 self.broken.store(true, Ordering::Relaxed);
                 return Err(bounds
@@ -424,21 +430,28 @@ impl Connection {
                     )
                     .with_sent(true));
             }
-        }
-        match tokio::time::timeout(STOP_GRACE, &mut run).await {
+        };
+        match tokio::time::timeout(grace, &mut run).await {
             Ok(Err(e)) if was_stopped(&e) => {
                 Err(bounds.error(fired, "while running; it was cancelled and rolled back"))
             }
-            Ok(outcome) => outcome,
+            Ok(outcome) => {
+                // It finished by itself just as the bound fired. A cancel request still on its
+                // way could stop this session's next statement: never reuse it then.
+                if cancel.is_some_and(|c| !c.is_finished()) {
+                    self.broken.store(true, Ordering::Relaxed);
+                }
+                outcome
+            }
             Err(_) => {
                 self.broken.store(true, Ordering::Relaxed);
                 if let Backend::Postgres(pg) = &self.backend {
-                    pg.abandon();
+                    pg.close_now();
                 }
                 Err(bounds
                     .error(
                         fired,
-                        "and the cancel was not confirmed; the connection was closed",
+                        "while running; a cancel was requested but not confirmed in time, so the connection was closed and the statement may have run",
                     )
                     .with_sent(true))
             }
@@ -521,9 +534,14 @@ impl Connection {
     }
 }
 
-/// How long a stopped statement may take to report that it stopped before its connection
-/// is closed instead.
+/// How long an interrupted SQLite statement may take to report that it stopped before its
+/// connection is closed instead.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a cancelled PostgreSQL statement's own answer is awaited (a cancel on a healthy
+/// network is confirmed in a few milliseconds) before its connection is closed instead: a
+/// bound is kept to within this much.
+const STOP_WAIT: Duration = Duration::from_millis(25);
 
 /// The statement ended because it was cancelled (PostgreSQL) or interrupted (SQLite).
 fn was_stopped(e: &Error) -> bool {

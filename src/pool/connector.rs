@@ -19,6 +19,15 @@ use crate::pool::{cluster, postgres, redis, sqlite};
 /// A connection used this recently is handed out without a validation round trip.
 pub const VALIDATION_GRACE: Duration = Duration::from_millis(500);
 
+/// Why an idle connection failed its checkout validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validation {
+    /// Known closed or unusable without asking.
+    Closed,
+    /// The ping failed or went unanswered in its bound.
+    Unanswered,
+}
+
 enum Dial {
     Postgres(Arc<postgres::connect::Connector>),
     Sqlite(SqliteTarget),
@@ -162,25 +171,28 @@ impl Connector {
             }
     }
 
-    /// Pings a connection idle past the grace period, within `remaining`.
-    pub async fn validate(&self, conn: &Connection, remaining: Duration) -> Result<()> {
+    /// Pings a connection idle past the grace period. The ping gets a quarter of what is
+    /// left of the caller's deadline (at least 20 ms, at most `connectTimeoutMs`): a healthy
+    /// server answers in a round trip, and a silent connection must leave the caller time
+    /// for a fresh one.
+    pub async fn validate(
+        &self,
+        conn: &Connection,
+        remaining: Duration,
+    ) -> std::result::Result<(), Validation> {
         if conn.is_unusable() {
-            return Err(Error::new(
-                ErrorCode::ConnectionLost,
-                "the idle connection was found closed",
-            ));
+            return Err(Validation::Closed);
         }
         if conn.last_checked.elapsed() < VALIDATION_GRACE {
             return Ok(());
         }
-        let bound = remaining.min(self.config.connect_timeout);
+        let bound = (remaining / 4)
+            .max(Duration::from_millis(20))
+            .min(remaining)
+            .min(self.config.connect_timeout);
         match tokio::time::timeout(bound, conn.ping()).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(Error::new(
-                ErrorCode::PoolTimeout,
-                "validation ping was not answered in time",
-            )
-            .with_phase(Phase::Validate)),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(Validation::Unanswered),
         }
     }
 

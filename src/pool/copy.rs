@@ -151,7 +151,8 @@ impl CopyOut {
         };
         if let Some(Ok(conn)) = self.lease.as_ref().map(|l| l.connection()) {
             if let Ok(pg) = conn.postgres() {
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), pg.cancel()).await;
+                // Bounded by the cancel request's own bound.
+                let _ = pg.cancel_in_background().await;
             }
         }
         // Drain what was already on its way, so the connection is returned idle.

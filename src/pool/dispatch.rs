@@ -293,7 +293,7 @@ async fn reap(shared: Weak<PoolShared>, kind: LaneKind) {
         };
         for job in expired {
             pool.shared.recorder.gets.inc();
-            (job.done)(Err(pool.timeout_error(kind, Phase::Wait)));
+            (job.done)(Err(pool.shared.lane(kind).inventory.timeout_now()));
         }
     }
 }

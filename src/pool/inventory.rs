@@ -18,10 +18,37 @@ use crate::error::{Error, ErrorCode, Phase, Result};
 use crate::metrics::PoolRecorder;
 use crate::pool::config::PoolConfig;
 use crate::pool::connection::Connection;
-use crate::pool::connector::Connector;
+use crate::pool::connector::{Connector, Validation, VALIDATION_GRACE};
 
-const FIRST_BACKOFF: Duration = Duration::from_millis(25);
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Pause after a failed connect, doubling to [`MAX_BACKOFF`] (jittered down by up to half).
+/// Short: a server back from a restart is found within about 50 ms, and while connects
+/// fail at most [`FAILING_OPENERS`] retry, so an outage costs the process next to nothing.
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Connects in flight at once while connects are failing: one patient attempt with all of
+/// `connectTimeoutMs`, and a quick one given up after [`quick_limit`] — so an attempt lost
+/// in a silent network does not hold recovery back for a whole connect timeout.
+const FAILING_OPENERS: usize = 2;
+
+fn unanswered_attempt(bound: Duration) -> Error {
+    Error::new(
+        ErrorCode::ConnectFailed,
+        format!(
+            "a connect attempt made while connects were failing got no answer in {} ms (ten times the usual connect time); retrying",
+            bound.as_millis()
+        ),
+    )
+    .with_phase(Phase::Connect)
+}
+
+/// A quick attempt's bound: ten connects' worth of the measured connect time, at least
+/// 50 ms, at most `connectTimeoutMs`.
+fn quick_limit(connect_time: Duration, connect_timeout: Duration) -> Duration {
+    (connect_time * 10)
+        .max(Duration::from_millis(50))
+        .min(connect_timeout)
+}
 
 /// What a waiting caller is handed.
 enum Handoff {
@@ -52,6 +79,8 @@ struct State {
     last_error: Option<Error>,
     /// How long a connect takes (moving average), which paces new connections.
     connect_time: Option<Duration>,
+    /// While connects fail: an attempt with the whole `connectTimeoutMs` is in flight.
+    patient: bool,
 }
 
 /// Connection counts right now.
@@ -152,6 +181,7 @@ impl Inventory {
                 closed: false,
                 last_error: None,
                 connect_time: None,
+                patient: false,
             }),
             connector,
             config,
@@ -231,10 +261,18 @@ impl Inventory {
                     // If the caller gives up mid-ping, `conn` is dropped half-pinged: closed,
                     // and its slot freed.
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    if self.connector.validate(&conn, remaining).await.is_ok() {
-                        return Ok(conn);
+                    match self.connector.validate(&conn, remaining).await {
+                        Ok(()) => return Ok(conn),
+                        Err(Validation::Closed) => drop(conn),
+                        Err(Validation::Unanswered) => {
+                            drop(conn);
+                            // What silenced one idle connection (a NAT that forgot it, a
+                            // server gone) has most likely silenced every one idle as long:
+                            // close those too and wait for a fresh connection instead of
+                            // pinging each in turn.
+                            self.close_unchecked(VALIDATION_GRACE);
+                        }
                     }
-                    drop(conn);
                     if Instant::now() >= deadline {
                         return Err(self.timeout(Phase::Validate));
                     }
@@ -290,6 +328,21 @@ impl Inventory {
         drop(conn);
     }
 
+    /// Closes every idle connection that has not answered for `older_than` (even below
+    /// `minIdle`: fresh ones replace them). Returns how many were closed.
+    pub fn close_unchecked(&self, older_than: Duration) -> usize {
+        let removed: Vec<Box<Connection>> = {
+            let mut s = self.state.lock();
+            let (stale, kept) = std::mem::take(&mut s.idle)
+                .into_iter()
+                .partition(|c| c.last_checked.elapsed() >= older_than);
+            s.idle = kept;
+            stale
+        };
+        // Dropped outside the lock: each freed slot asks for a replacement.
+        removed.len()
+    }
+
     /// Starts as many connects as the pacing allows.
     pub fn open_if_needed(self: &Arc<Self>) {
         let starts = {
@@ -328,7 +381,29 @@ impl Inventory {
             None if open + s.opening < self.min_idle => 1,
             None => 0,
         };
+        let wanted = if s.last_error.is_some() {
+            wanted.min(FAILING_OPENERS)
+        } else {
+            wanted
+        };
         wanted.saturating_sub(s.opening).min(free)
+    }
+
+    /// How the next connect attempt is bounded: by `connectTimeoutMs` per host (`None`), or
+    /// while connects fail and another attempt is the patient one, by [`quick_limit`]. True
+    /// when this attempt is the patient one.
+    fn attempt_bound(&self) -> (Option<Duration>, bool) {
+        let mut s = self.state.lock();
+        if s.last_error.is_none() {
+            return (None, false);
+        }
+        match s.connect_time {
+            Some(t) if s.patient => (Some(quick_limit(t, self.config.connect_timeout)), false),
+            _ => {
+                s.patient = true;
+                (None, true)
+            }
+        }
     }
 
     /// Opens one connection, retrying with backoff while it is still wanted.
@@ -336,7 +411,18 @@ impl Inventory {
         let mut backoff = FIRST_BACKOFF;
         loop {
             let started = Instant::now();
-            match self.connector.open(self.config.connect_timeout).await {
+            let (quick, patient) = self.attempt_bound();
+            let attempt = self.connector.open(self.config.connect_timeout);
+            let result = match quick {
+                None => attempt.await,
+                Some(bound) => tokio::time::timeout(bound, attempt)
+                    .await
+                    .unwrap_or_else(|_| Err(unanswered_attempt(bound))),
+            };
+            if patient {
+                self.state.lock().patient = false;
+            }
+            match result {
                 Ok(mut conn) => {
                     self.open.fetch_add(1, Ordering::AcqRel);
                     let host = conn.host().map(|h| {
@@ -382,8 +468,9 @@ impl Inventory {
         let mut s = self.state.lock();
         s.last_error = Some(err.clone());
         let open = self.open();
-        let still_wanted =
-            !s.closed && (!s.waiters.is_empty() || open + s.opening <= self.min_idle);
+        let still_wanted = !s.closed
+            && s.opening <= FAILING_OPENERS
+            && (!s.waiters.is_empty() || open + s.opening <= self.min_idle);
         if !permanent && still_wanted {
             return true;
         }
@@ -408,6 +495,11 @@ impl Inventory {
         } else {
             Phase::Wait
         }
+    }
+
+    /// The acquire deadline ran out now, in the step it was waiting for.
+    pub fn timeout_now(&self) -> Error {
+        self.timeout(self.waiting_phase())
     }
 
     /// The acquire deadline ran out in `phase`.

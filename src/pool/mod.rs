@@ -36,7 +36,7 @@ pub use health::{PoolHealth, PoolMetrics, PoolStatus, Recommendation};
 pub use lease::{Lease, OrderedLease};
 pub use value::{ExecuteResult, QueryResult, Value};
 
-use crate::error::{Error, ErrorCode, Phase, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::metrics::{LiveResource, PoolGauges, PoolRecorder, Registry};
 use crate::shared::{Directory, Shareable};
 use connector::{Connector, VALIDATION_GRACE};
@@ -418,10 +418,6 @@ impl Pool {
             })
         });
         Lease::new(conn, Arc::clone(s), kind, tracking)
-    }
-
-    pub(crate) fn timeout_error(&self, kind: LaneKind, phase: Phase) -> Error {
-        self.shared.lane(kind).inventory.timeout(phase)
     }
 
     /// Checks out a connection, runs one operation and returns the connection. A statement

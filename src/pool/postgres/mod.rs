@@ -56,6 +56,9 @@ pub struct PgConnection {
     endpoint: Endpoint,
     target: SessionTarget,
     connector: Arc<Connector>,
+    /// The wire's discard count when a statement on this session set `statement_timeout`
+    /// itself (`u64::MAX`: never): the silence backstop is off until DISCARD ALL.
+    own_timeout: std::sync::atomic::AtomicU64,
 }
 
 /// Runs a connection's protocol until it closes, forwarding the server's notifications
@@ -181,6 +184,7 @@ impl PgConnection {
             endpoint,
             target,
             connector,
+            own_timeout: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
     }
 
@@ -285,11 +289,82 @@ impl PgConnection {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Asks the server to cancel whatever this connection is running.
-    pub async fn cancel(&self) -> Result<()> {
-        self.connector
-            .cancel(&self.client.cancel_token(), &self.endpoint)
-            .await
+    /// Closes the socket now: every request still waiting for an answer fails as lost.
+    pub fn close_now(&self) {
+        self.abandon();
+        self.driver.abort();
+    }
+
+    /// Asks the server to cancel whatever this connection is running, on a task of its
+    /// own (bounded by [`CANCEL_BOUND`]): the caller never waits for the cancel request.
+    pub fn cancel_in_background(&self) -> tokio::task::JoinHandle<()> {
+        let token = self.client.cancel_token();
+        let endpoint = self.endpoint.clone();
+        let connector = Arc::clone(&self.connector);
+        self.runtime.spawn(async move {
+            let _ = tokio::time::timeout(CANCEL_BOUND, connector.cancel(&token, &endpoint)).await;
+        })
+    }
+
+    /// How long this session may stay silent while a statement is out before it is taken
+    /// for dead: `statementTimeoutMs` (the server's own bound, after which it answers with
+    /// an error) plus as much again, at least 100 ms and at most 1 s, for that answer to
+    /// arrive. `None` without `statementTimeoutMs`, or once a statement on this session set
+    /// `statement_timeout` itself.
+    fn silence_limit(&self) -> Option<std::time::Duration> {
+        let timeout = self.connector.statement_timeout?;
+        let own = self.own_timeout.load(std::sync::atomic::Ordering::Acquire);
+        if own == self.wire.discards() {
+            return None;
+        }
+        let grace = timeout.clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(1),
+        );
+        Some(timeout + grace)
+    }
+
+    /// Runs one statement's exchange, backstopped by [`silence_limit`](Self::silence_limit):
+    /// a session that says nothing for that long (a dropped network path the kernel has not
+    /// noticed) is closed, and the statement settles `QUERY_TIMEOUT` instead of waiting
+    /// for TCP to give up.
+    async fn answered<T>(
+        &self,
+        sql: &str,
+        exchange: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        if self.connector.statement_timeout.is_none() {
+            return exchange.await;
+        }
+        if mentions_statement_timeout(sql) {
+            self.own_timeout
+                .store(self.wire.discards(), std::sync::atomic::Ordering::Release);
+        }
+        let Some(limit) = self.silence_limit() else {
+            return exchange.await;
+        };
+        let mark = self.wire.written();
+        tokio::pin!(exchange);
+        let mut heard = self.wire.read();
+        loop {
+            match tokio::time::timeout(limit, &mut exchange).await {
+                Ok(outcome) => return outcome,
+                Err(_) if self.wire.read() != heard => heard = self.wire.read(),
+                Err(_) => {
+                    self.close_now();
+                    let ms = limit.as_secs_f64() * 1000.0;
+                    let mut err = Error::new(
+                        ErrorCode::QueryTimeout,
+                        format!(
+                            "the server said nothing for {ms} ms (statementTimeoutMs and a grace for its answer): the connection was closed; the statement may have run"
+                        ),
+                    )
+                    .with_sent(self.wire.written() != mark);
+                    err.timeout_ms = Some(ms);
+                    return Err(err);
+                }
+            }
+        }
     }
 
     async fn statement(&self, sql: &str) -> Result<Prepared> {
@@ -363,6 +438,10 @@ impl PgConnection {
     }
 
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<Ran<QueryResult>> {
+        self.answered(sql, self.query_unguarded(sql, params)).await
+    }
+
+    async fn query_unguarded(&self, sql: &str, params: &[Value]) -> Result<Ran<QueryResult>> {
         let tags = self.wire.tags();
         let result = if self.statement_cache {
             self.with_statement(sql, |prepared| async move {
@@ -416,6 +495,11 @@ impl PgConnection {
     }
 
     pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<Ran<ExecuteResult>> {
+        self.answered(sql, self.execute_unguarded(sql, params))
+            .await
+    }
+
+    async fn execute_unguarded(&self, sql: &str, params: &[Value]) -> Result<Ran<ExecuteResult>> {
         let tags = self.wire.tags();
         let row_count = if self.statement_cache {
             self.with_statement(sql, |prepared| async move {
@@ -471,6 +555,17 @@ impl PgConnection {
     fn tag_since(&self, before: u64) -> Option<String> {
         (self.wire.tags() == before + 1).then(|| self.wire.last_tag())
     }
+}
+
+/// Bound on one background cancel request (connect, TLS, send).
+const CANCEL_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// True when `sql` may set `statement_timeout` (ASCII case-insensitive).
+fn mentions_statement_timeout(sql: &str) -> bool {
+    const NEEDLE: &[u8] = b"statement_timeout";
+    sql.as_bytes()
+        .windows(NEEDLE.len())
+        .any(|w| w.eq_ignore_ascii_case(NEEDLE))
 }
 
 /// How long a dropped connection may take to close itself before its socket is closed.

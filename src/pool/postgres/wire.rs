@@ -30,6 +30,9 @@ pub enum TxStatus {
 #[derive(Default)]
 pub struct WireState {
     written: AtomicU64,
+    /// Bytes received from the server so far: unchanged across a stretch of time means
+    /// the server said nothing in it.
+    read: AtomicU64,
     status: AtomicU8,
     tags: AtomicU64,
     last_tag: Mutex<String>,
@@ -48,6 +51,11 @@ impl WireState {
     /// written in between.
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Acquire)
+    }
+
+    /// Bytes received so far. Compare two readings: equal means the server was silent.
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Acquire)
     }
 
     pub fn status(&self) -> TxStatus {
@@ -213,6 +221,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
         let before = buf.filled().len();
         let polled = Pin::new(inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &polled {
+            let arrived = buf.filled().len() - before;
+            state.read.fetch_add(arrived as u64, Ordering::AcqRel);
             frames.feed(&buf.filled()[before..], &mut |kind, body| {
                 state.on_message(kind, body)
             });
