@@ -77,6 +77,21 @@ fn in_range<T: TryFrom<i64>>(i: i64, ty: &Type) -> std::result::Result<T, BoxErr
     T::try_from(i).map_err(|_| format!("{i} is out of range for {}", ty.name()).into())
 }
 
+fn out_of_range(v: &Value, ty: &Type) -> BoxError {
+    format!("the {} is out of range for {}", v.kind(), ty.name()).into()
+}
+
+/// `f` rounded to a whole number, refused when it is not finite or does not fit an `i64`
+/// (an `as` cast would saturate and write a different instant).
+fn whole(f: f64, v: &Value, ty: &Type) -> std::result::Result<i64, BoxError> {
+    let r = f.round();
+    if r.is_finite() && r >= i64::MIN as f64 && r < i64::MAX as f64 {
+        Ok(r as i64)
+    } else {
+        Err(out_of_range(v, ty))
+    }
+}
+
 fn encode(v: &Value, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNull, BoxError> {
     if matches!(v, Value::Null) {
         return Ok(IsNull::Yes);
@@ -122,16 +137,21 @@ fn encode(v: &Value, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNul
         }
         Type::TIMESTAMP | Type::TIMESTAMPTZ => {
             let micros = match v {
-                Value::Timestamp(ms) => (ms * 1000.0).round() as i64,
+                Value::Timestamp(ms) => whole(ms * 1000.0, v, ty)?,
                 Value::Text(s) => parse_timestamp(s)?,
-                Value::Int(ms) | Value::BigInt(ms) => ms * 1000,
+                Value::Int(ms) | Value::BigInt(ms) => {
+                    ms.checked_mul(1000).ok_or_else(|| out_of_range(v, ty))?
+                }
                 _ => return Err(mismatch(v, ty)),
             };
-            out.put_i64(micros - PG_EPOCH_MICROS);
+            let since_pg_epoch = micros
+                .checked_sub(PG_EPOCH_MICROS)
+                .ok_or_else(|| out_of_range(v, ty))?;
+            out.put_i64(since_pg_epoch);
         }
         Type::DATE => {
             let days = match v {
-                Value::Timestamp(ms) => (ms / 86_400_000.0).floor() as i64,
+                Value::Timestamp(ms) => whole((ms / 86_400_000.0).floor(), v, ty)?,
                 Value::Text(s) => {
                     let d = chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
                         .map_err(|_| format!("{s:?} is not a date (YYYY-MM-DD)"))?;
@@ -142,7 +162,10 @@ fn encode(v: &Value, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNul
                 }
                 _ => return Err(mismatch(v, ty)),
             };
-            out.put_i32(in_range(days - 10_957, ty)?);
+            let since_pg_epoch = days
+                .checked_sub(10_957)
+                .ok_or_else(|| out_of_range(v, ty))?;
+            out.put_i32(in_range(since_pg_epoch, ty)?);
         }
         Type::UUID => match v {
             Value::Text(s) => {
@@ -463,6 +486,33 @@ mod tests {
         ] {
             assert_eq!(roundtrip(input), expected, "{input}");
         }
+    }
+
+    /// Found by the sql_params fuzz target: a millisecond count whose microseconds overflow
+    /// an i64 panicked (debug) or wrapped to another instant (release).
+    #[test]
+    fn out_of_range_instants_are_refused_not_wrapped() {
+        for (v, ty) in [
+            (Value::Int(i64::MAX / 10), Type::TIMESTAMPTZ),
+            (Value::BigInt(i64::MIN / 999), Type::TIMESTAMP),
+            (Value::Int(i64::MIN / 1000), Type::TIMESTAMP),
+            (Value::Timestamp(1e300), Type::TIMESTAMPTZ),
+            (Value::Timestamp(f64::NAN), Type::TIMESTAMP),
+            (Value::Timestamp(f64::NEG_INFINITY), Type::DATE),
+            (Value::Timestamp(-1e300), Type::DATE),
+        ] {
+            let mut buf = BytesMut::new();
+            let Err(err) = encode(&v, &ty, &mut buf) else {
+                panic!("{v:?} as {ty} was encoded");
+            };
+            assert!(err.to_string().contains("out of range"), "{err}");
+        }
+        let mut buf = BytesMut::new();
+        encode(&Value::Int(1_700_000_000_000), &Type::TIMESTAMPTZ, &mut buf).unwrap();
+        assert_eq!(
+            i64::from_be_bytes(buf[..].try_into().unwrap()),
+            1_700_000_000_000_000 - PG_EPOCH_MICROS
+        );
     }
 
     #[test]
