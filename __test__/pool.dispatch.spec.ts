@@ -99,6 +99,27 @@ describeWithPostgres('PostgreSQL dispatch', () => {
     expect(order.indexOf('slow')).toBe(60)
   })
 
+  it('keeps a fast statement pipelined after a deep burst: its own cost is profiled, not its wait', async () => {
+    // Every chunk delayed 25 ms each way: a round trip costs ~50 ms, so run one at a time the
+    // 40 statements below would take ≥ 2 s; pipelined on the one connection, a few round trips.
+    const proxy = await startFaultProxy({ host: new URL(databaseUrl!).hostname, port: Number(new URL(databaseUrl!).port || 5432) })
+    try {
+      proxy.set({ perChunkDelayMs: 25 })
+      const pool = open({ url: proxy.url(databaseUrl!), maxSize: 1, acquireTimeoutMs: 30_000 })
+      await pool.query('select 1')
+      const fast = 'select $1::int as i'
+      // 500 statements deep on one connection: the last waits behind 499 others.
+      await Promise.all(Array.from({ length: 500 }, (_, i) => pool.query(fast, [i])))
+      const started = performance.now()
+      const rows = await Promise.all(Array.from({ length: 40 }, (_, i) => pool.query(fast, [i])))
+      const took = performance.now() - started
+      expect(rows.map((r) => r.rows[0].i)).toEqual(Array.from({ length: 40 }, (_, i) => i))
+      expect(took).toBeLessThan(1000)
+    } finally {
+      await proxy.close()
+    }
+  })
+
   it('serves a spike with its warm connections, opening a bounded number of new ones', async () => {
     const proxy = await startFaultProxy({ host: new URL(databaseUrl!).hostname, port: Number(new URL(databaseUrl!).port || 5432) })
     try {

@@ -176,7 +176,7 @@ async function predictVsOrt(): Promise<Row[]> {
     }
     const p = (name: string, q: number) => +(quantile(lat.get(name)!, q) * 1000).toFixed(1)
     const ortNames = contenders.slice(2).map((c) => c.name)
-    const bestOrt = (f: (name: string) => number, pick: (a: number, b: number) => number) => ortNames.map(f).reduce(pick)
+    const bestOrt = (f: (name: string) => number, pick: (a: number, b: number) => number) => ortNames.map(f).reduce((a, b) => pick(a, b))
     const row: Row = { batch }
     for (const c of contenders) {
       row[`${c.name} p50 µs`] = p(c.name, 0.5)

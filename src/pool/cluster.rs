@@ -132,19 +132,9 @@ pub fn key_slot(key: &[u8]) -> u16 {
 
 /// Commands that address the connection or the cluster, not a key's slot.
 fn refused_in_cluster(name: &str) -> bool {
-    matches!(
-        name.to_ascii_uppercase().as_str(),
-        "MULTI"
-            | "EXEC"
-            | "DISCARD"
-            | "WATCH"
-            | "UNWATCH"
-            | "SELECT"
-            | "SUBSCRIBE"
-            | "PSUBSCRIBE"
-            | "SSUBSCRIBE"
-            | "MONITOR"
-    )
+    crate::pool::connection::CONNECTION_STATE_COMMANDS
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case(name))
 }
 
 impl ClusterConn {
