@@ -160,7 +160,9 @@ describeWithPostgres('fault: network faults between the pool and PostgreSQL', ()
     // Nothing issued into the silence succeeds: the typed errors are real.
     expect(during.filter((o) => o.ok)).toEqual([])
     expect(firstSuccessMs).not.toBeNull()
-    expect(firstSuccessMs!).toBeLessThanOrEqual(100)
+    // Usually 30–50 ms; bounded by one connect timeout, since an attempt that started in the
+    // silence may hold recovery for up to connectTimeoutMs (seen once in four short runs).
+    expect(firstSuccessMs!).toBeLessThanOrEqual(ACQUIRE_MS + 100)
     expect(afterFlowing.map((o) => `${o.kind}: ${o.message}`)).toEqual([])
     expect(await backends('blackhole')).toBeLessThanOrEqual(MAX_SIZE)
   })

@@ -24,6 +24,10 @@ fuzz_target!(|input: Input| {
     let scheme = ["postgres://", "postgresql://", "sqlite:", "redis://", "rediss://", ""][input.scheme as usize % 6];
     let secret = format!("Zq9{}", input.password.replace(['@', '/', '?', '#', ':', ' '], ""));
     let url = format!("{scheme}user:{secret}@{}", input.rest);
+    // Errors may quote the other values (a bad tls.mode, a host): the secret found there was
+    // not echoed from the password.
+    let quotable = [Some(&input.rest), input.tls_mode.as_ref(), input.tls_ca.as_ref(), input.int8.as_ref()];
+    let elsewhere = quotable.iter().flatten().any(|v| v.contains(&secret));
     let options = PoolOptions {
         url,
         max_size: input.max_size,
@@ -38,7 +42,7 @@ fuzz_target!(|input: Input| {
     };
     if let Err(e) = PoolConfig::from_options(options) {
         assert_eq!(e.code, ErrorCode::InvalidArgument, "{}", e.message);
-        if secret.len() > 4 {
+        if secret.len() > 4 && !elsewhere {
             assert!(!e.message.contains(&secret), "password echoed: {}", e.message);
         }
     }
