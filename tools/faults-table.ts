@@ -6,6 +6,8 @@
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import path from 'node:path'
 
+import type { Figures } from '../__test__/support/faults'
+
 const ROOT = path.join(__dirname, '..')
 const FIGURES = path.join(ROOT, '.tmp', 'faults.json')
 const JEST = path.join(ROOT, '.tmp', 'jest-faults.json')
@@ -13,16 +15,8 @@ const NOTE = path.join(ROOT, 'RELIABILITY.md')
 const BEGIN = '<!-- faults:begin -->'
 const END = '<!-- faults:end -->'
 
-interface Row {
-  scenario: string
-  backend: string
-  calls: number
-  errors: Record<string, number>
-  firstSuccessMs: number | null
-  maxSettleMs: number
-  deadlineMs: number | null
-  bound: string
-  notes: string
+/** One line of .tmp/faults.json: the scenario's figures as the suite reported them. */
+interface Row extends Figures {
   test?: string
   short: boolean
   at: string
