@@ -49,7 +49,7 @@ export const sha256 = (bytes: Uint8Array): string => createHash('sha256').update
 export const bytesOf = (a: Float32Array): Buffer => Buffer.from(a.buffer, a.byteOffset, a.byteLength)
 
 /** The safetensors layout of tools/export_safetensors.py: JSON header padded to 8, float32 LE data. */
-function writeSafetensors(file: string, tensors: Array<[string, number[], Float32Array]>, metadata: Record<string, string>): void {
+export function writeSafetensors(file: string, tensors: Array<[string, number[], Float32Array]>, metadata: Record<string, string>): void {
   const header: Record<string, unknown> = { __metadata__: metadata }
   let offset = 0
   for (const [name, shape, data] of tensors) {

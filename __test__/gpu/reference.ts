@@ -2,9 +2,9 @@
 // weights, with a float64 forward pass in JavaScript as their reference (relu / tanh / sigmoid /
 // none; the fixture covers gelu). The CPU backend is checked against this reference on every
 // machine (__test__/gpu/models.gpu.spec.ts), so the reference is itself tested without a GPU.
-import fs from 'node:fs'
 
 import { rng } from '../../benchmark/models-support'
+import { writeSafetensors } from '../model-fixtures'
 
 export type Act = 'relu' | 'tanh' | 'sigmoid' | 'none'
 export interface Dense {
@@ -78,18 +78,7 @@ export function writeModel(file: string, model: RefModel): string {
   const head = model.arch === 'mlp' ? model.dense : model.head
   dense(head)
   if (head.length > 0) metadata.activations = head.map((d) => d.act).join(',')
-  const header: Record<string, unknown> = { __metadata__: metadata }
-  let offset = 0
-  for (const [name, shape, data] of tensors) {
-    header[name] = { dtype: 'F32', shape, data_offsets: [offset, offset + data.byteLength] }
-    offset += data.byteLength
-  }
-  let json = JSON.stringify(header)
-  json += ' '.repeat((8 - (json.length % 8)) % 8)
-  const len = Buffer.alloc(8)
-  len.writeBigUInt64LE(BigInt(json.length))
-  const bytes = tensors.map(([, , d]) => Buffer.from(d.buffer, d.byteOffset, d.byteLength))
-  fs.writeFileSync(file, Buffer.concat([len, Buffer.from(json), ...bytes]))
+  writeSafetensors(file, tensors, metadata)
   return file
 }
 
