@@ -3,13 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use napi::bindgen_prelude::{FnArgs, Function, JsObjectValue, Object, PromiseRaw, Unknown};
+use napi::bindgen_prelude::{
+    Either, FnArgs, Function, JsObjectValue, Object, PromiseRaw, ToNapiValue, Unknown,
+};
 use napi::{sys, Env, JsValue};
 use napi_derive::napi;
 
 use super::completion::Complete;
 use super::metrics::{Metrics, MetricsLatency};
-use super::values::{self, Reply, Rows};
+use super::values::{self, Packed, Reply, Rows};
 use super::{js_error, promise, runtime, settled, spawn};
 use crate::error::{Error, Result as CoreResult};
 use crate::metrics::Registry;
@@ -356,6 +358,10 @@ pub(super) fn rows(result: pool::QueryResult, int8: Int8Mode) -> QueryResult {
     }
 }
 
+fn packed(result: pool::QueryResult, int8: Int8Mode) -> Packed {
+    Packed { result, int8 }
+}
+
 fn done(result: pool::ExecuteResult) -> ExecuteResult {
     ExecuteResult {
         row_count: result.row_count as f64,
@@ -365,6 +371,21 @@ fn done(result: pool::ExecuteResult) -> ExecuteResult {
 
 fn raw(v: &Option<Unknown<'_>>) -> Option<sys::napi_value> {
     v.as_ref().map(|u| u.raw())
+}
+
+/// Reads `[sql, params, sql, params, …]` into `execute` statements.
+fn group_from_js(env: &Env, items: sys::napi_value) -> CoreResult<Vec<Statement>> {
+    let n = values::array_length(env, items)?;
+    let mut out = Vec::with_capacity(n as usize / 2);
+    for i in (0..n.saturating_sub(1)).step_by(2) {
+        let sql = values::string_at(env, items, i, "group sql")?;
+        let params = values::element_at(env, items, i + 1)?;
+        out.push(Statement::Execute(
+            sql,
+            values::params_from_js(env, Some(params))?,
+        ));
+    }
+    Ok(out)
 }
 
 /// Reads `[[name, ...args], ...]`.
@@ -445,23 +466,28 @@ fn send_query<'e>(
     params: Option<Unknown<'e>>,
     options: Option<Unknown<'e>>,
     cancel: Option<&Cancellation>,
-) -> napi::Result<PromiseRaw<'e, QueryResult>> {
+) -> napi::Result<Either<PromiseRaw<'e, Packed>, Packed>> {
     let (params, bounds) = match values::params_from_js(env, raw(&params))
         .and_then(|p| Ok((p, bounds(env, options, cancel)?)))
     {
         Ok(v) => v,
-        Err(e) => return settled(env, Err(e)),
+        Err(e) => return settled(env, Err(e)).map(Either::A),
     };
     let int8 = to.int8();
     let statement = Statement::Query(sql, params);
     if !bounds.is_set() {
-        if let Some(outcome) = inline(to, &statement) {
-            return settled(env, outcome.map(|out| rows(out.into_rows(), int8)));
+        match inline(to, &statement) {
+            // Run already: wrappers.js shapes it and resolves without a native promise.
+            Some(Ok(out)) => return Ok(Either::B(packed(out.into_rows(), int8))),
+            Some(Err(e)) => return settled(env, Err(e)).map(Either::A),
+            None => {}
         }
     }
-    let (complete, promise) = promise(env, move |_, out: Outcome| Ok(rows(out.into_rows(), int8)))?;
+    let (complete, promise) = promise(env, move |_, out: Outcome| {
+        Ok(packed(out.into_rows(), int8))
+    })?;
     to.send(statement, bounds, complete);
-    Ok(promise)
+    Ok(Either::A(promise))
 }
 
 fn send_execute<'e>(
@@ -471,21 +497,21 @@ fn send_execute<'e>(
     params: Option<Unknown<'e>>,
     options: Option<Unknown<'e>>,
     cancel: Option<&Cancellation>,
-) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
+) -> napi::Result<Either<PromiseRaw<'e, ExecuteResult>, ExecuteResult>> {
     let (params, bounds) = match values::params_from_js(env, raw(&params))
         .and_then(|p| Ok((p, bounds(env, options, cancel)?)))
     {
         Ok(v) => v,
-        Err(e) => return settled(env, Err(e)),
+        Err(e) => return settled(env, Err(e)).map(Either::A),
     };
     let statement = Statement::Execute(sql, params);
     if !bounds.is_set() {
-        if let Some(outcome) = inline(to, &statement) {
-            return match outcome {
-                Ok(Outcome::Done(d)) => settled(env, Ok(done(d))),
-                Ok(_) => unreachable_value(),
-                Err(e) => settled(env, Err(e)),
-            };
+        match inline(to, &statement) {
+            // Run already: wrappers.js resolves it without a native promise.
+            Some(Ok(Outcome::Done(d))) => return Ok(Either::B(done(d))),
+            Some(Ok(_)) => return unreachable_value(),
+            Some(Err(e)) => return settled(env, Err(e)).map(Either::A),
+            None => {}
         }
     }
     let (complete, promise) = promise(env, |_, out: Outcome| match out {
@@ -493,7 +519,7 @@ fn send_execute<'e>(
         _ => unreachable_value(),
     })?;
     to.send(statement, bounds, complete);
-    Ok(promise)
+    Ok(Either::A(promise))
 }
 
 fn send_command<'e>(
@@ -564,11 +590,11 @@ fn query_sync(
     env: &Env,
     sql: String,
     params: Option<Unknown<'_>>,
-) -> napi::Result<QueryResult> {
+) -> napi::Result<Packed> {
     let outcome = values::params_from_js(env, raw(&params))
         .and_then(|p| on_this_thread(|| to.run_sync(&Statement::Query(sql, p))));
     match outcome {
-        Ok(out) => Ok(rows(out.into_rows(), to.int8())),
+        Ok(out) => Ok(packed(out.into_rows(), to.int8())),
         Err(e) => Err(js_error(env, e)),
     }
 }
@@ -670,7 +696,7 @@ impl ConnectionPool {
         params: Option<Unknown<'e>>,
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
-    ) -> napi::Result<PromiseRaw<'e, QueryResult>> {
+    ) -> napi::Result<Either<PromiseRaw<'e, Packed>, Packed>> {
         send_query(self, env, sql, params, options, cancel)
     }
 
@@ -686,7 +712,7 @@ impl ConnectionPool {
         params: Option<Unknown<'e>>,
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
-    ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
+    ) -> napi::Result<Either<PromiseRaw<'e, ExecuteResult>, ExecuteResult>> {
         send_execute(self, env, sql, params, options, cancel)
     }
 
@@ -694,13 +720,16 @@ impl ConnectionPool {
     /// no thread hop (the `predictSync` of connections). Waits at most `acquireTimeoutMs`
     /// for a connection. Other backends: `INVALID_ARGUMENT` (a network round trip would
     /// block the event loop).
-    #[napi(ts_args_type = "sql: string, params?: unknown[]")]
+    #[napi(
+        ts_args_type = "sql: string, params?: unknown[]",
+        ts_return_type = "QueryResult"
+    )]
     pub fn query_sync(
         &self,
         env: Env,
         sql: String,
         params: Option<Unknown<'_>>,
-    ) -> napi::Result<QueryResult> {
+    ) -> napi::Result<Packed> {
         query_sync(self, &env, sql, params)
     }
 
@@ -713,6 +742,46 @@ impl ConnectionPool {
         params: Option<Unknown<'_>>,
     ) -> napi::Result<ExecuteResult> {
         execute_sync(self, &env, sql, params)
+    }
+
+    /// Internal (wrappers.js): `execute` calls made in one turn of the event loop, as
+    /// `[sql, params, sql, params, …]`, run as one transaction on the calling thread when
+    /// they qualify ([`Pool::try_inline_group`]). Each item's result or error, in order;
+    /// `null` when nothing ran (then each is executed on its own).
+    #[napi(js_name = "_executeGroup", skip_typescript)]
+    pub fn execute_group(&self, env: Env, items: Unknown<'_>) -> napi::Result<Unknown<'_>> {
+        let raw_env = env.raw();
+        let null = || {
+            let mut out = std::ptr::null_mut();
+            unsafe { sys::napi_get_null(raw_env, &mut out) };
+            Ok(unsafe { Unknown::from_raw_unchecked(raw_env, out) })
+        };
+        let Ok(statements) = group_from_js(&env, items.raw()) else {
+            return null();
+        };
+        if self.check_open().is_err() {
+            return null();
+        }
+        let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.pool.try_inline_group(&statements)
+        }))
+        .unwrap_or(None);
+        let Some(outcomes) = outcomes else {
+            return null();
+        };
+        let mut array = std::ptr::null_mut();
+        unsafe { sys::napi_create_array_with_length(raw_env, outcomes.len(), &mut array) };
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            let value = match outcome {
+                Ok(Outcome::Done(d)) => unsafe { ExecuteResult::to_napi_value(raw_env, done(d))? },
+                Ok(_) => return unreachable_value(),
+                Err(e) => super::errors::error_object(&env, &e)
+                    .map_err(|_| napi::Error::from_reason("could not create an error"))?
+                    .raw(),
+            };
+            unsafe { sys::napi_set_element(raw_env, array, i as u32, value) };
+        }
+        Ok(unsafe { Unknown::from_raw_unchecked(raw_env, array) })
     }
 
     /// Redis: runs one command, e.g. `command('SET', 'k', 'v')`; the arguments may also come
@@ -1041,7 +1110,7 @@ impl PooledConnection {
         params: Option<Unknown<'e>>,
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
-    ) -> napi::Result<PromiseRaw<'e, QueryResult>> {
+    ) -> napi::Result<Either<PromiseRaw<'e, Packed>, Packed>> {
         send_query(self, env, sql, params, options, cancel)
     }
 
@@ -1057,19 +1126,22 @@ impl PooledConnection {
         params: Option<Unknown<'e>>,
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
-    ) -> napi::Result<PromiseRaw<'e, ExecuteResult>> {
+    ) -> napi::Result<Either<PromiseRaw<'e, ExecuteResult>, ExecuteResult>> {
         send_execute(self, env, sql, params, options, cancel)
     }
 
     /// SQLite: runs one statement on this connection on the calling thread (statements
     /// issued before it must have finished).
-    #[napi(ts_args_type = "sql: string, params?: unknown[]")]
+    #[napi(
+        ts_args_type = "sql: string, params?: unknown[]",
+        ts_return_type = "QueryResult"
+    )]
     pub fn query_sync(
         &self,
         env: Env,
         sql: String,
         params: Option<Unknown<'_>>,
-    ) -> napi::Result<QueryResult> {
+    ) -> napi::Result<Packed> {
         query_sync(self, &env, sql, params)
     }
 

@@ -47,14 +47,124 @@
     )
   }
 
+  // Rows arrive packed (src/binding/values.rs `Packed`): [columns joined by NUL, rowCount,
+  // rows, ...cells row-major]. Each column list gets a row constructor compiled once, so a row is
+  // one object literal with a stable shape instead of a property definition per cell.
+  const shapes = new Map()
+  const SHAPES_MAX = 1024
+
+  function compileRow(fields) {
+    // A literal key, except __proto__, which as a literal key would set the prototype.
+    const entries = fields.map((f, i) => {
+      const key = f === '__proto__' ? `[${JSON.stringify(f)}]` : JSON.stringify(f)
+      return `${key}: p[o + ${i}]`
+    })
+    try {
+      return new Function('p', 'o', `return { ${entries.join(', ')} }`)
+    } catch (_) {
+      // Code generation from strings is off (--disallow-code-generation-from-strings).
+      return (p, o) => {
+        const row = {}
+        for (let i = 0; i < fields.length; i++) {
+          Object.defineProperty(row, fields[i], { value: p[o + i], writable: true, enumerable: true, configurable: true })
+        }
+        return row
+      }
+    }
+  }
+
+  function shapeOf(key) {
+    let shape = shapes.get(key)
+    if (shape === undefined) {
+      if (shapes.size >= SHAPES_MAX) shapes.clear()
+      const fields = key === '' ? [] : key.split('\0')
+      shape = { fields, row: compileRow(fields) }
+      shapes.set(key, shape)
+    }
+    return shape
+  }
+
+  function unpack(p) {
+    const shape = shapeOf(p[0])
+    const width = shape.fields.length
+    const count = p[2]
+    const rows = new Array(count)
+    for (let i = 0, o = 3; i < count; i++, o += width) rows[i] = shape.row(p, o)
+    return { rows, rowCount: p[1], fields: shape.fields.slice() }
+  }
+
+  // A statement run on the calling thread comes back as its packed rows; one sent comes back
+  // as a promise of them.
+  const settle = (r) => (Array.isArray(r) ? Promise.resolve(unpack(r)) : r.then(unpack))
+
+  // SQLite group commit: `execute` calls on a pool in one turn of the event loop are held
+  // until the turn's microtasks run, then offered to the native side as one group
+  // (`_executeGroup`: one transaction, one commit, on the calling thread when each is a cheap
+  // plain write and the writer is idle). Declined, each runs on its own as before. A lone
+  // call only waits for that microtask.
+  const GROUP_MAX = 64 // src/pool/mod.rs MAX_GROUP
+  const groups = new WeakMap()
+  const isSqlite = Symbol('quartermaster.isSqlite')
+
+  function grouped(pool, eagerExecute, sql, params) {
+    let group = groups.get(pool)
+    if (group === undefined || group.items.length >= GROUP_MAX * 2) {
+      group = { items: [], settle: [] }
+      groups.set(pool, group)
+      queueMicrotask(() => runGroup(pool, eagerExecute, group))
+    }
+    return new Promise((resolve, reject) => {
+      group.items.push(sql, params)
+      group.settle.push(resolve, reject)
+    })
+  }
+
+  function runGroup(pool, eagerExecute, group) {
+    if (groups.get(pool) === group) groups.delete(pool)
+    const { items, settle } = group
+    const results = items.length > 2 ? pool._executeGroup(items) : null
+    for (let i = 0; i < settle.length; i += 2) {
+      if (results !== null) {
+        const r = results[i / 2]
+        if (r instanceof Error) settle[i + 1](r)
+        else settle[i](r)
+      } else {
+        let r
+        try {
+          r = eagerExecute.call(pool, items[i], items[i + 1])
+        } catch (err) {
+          settle[i + 1](err)
+          continue
+        }
+        if (r instanceof Promise) r.then(settle[i], settle[i + 1])
+        else settle[i](r)
+      }
+    }
+  }
+
   for (const cls of [ConnectionPool, PooledConnection]) {
     const proto = cls.prototype
-    const { query, execute, command, pipeline } = proto
+    const { query: packedQuery, querySync: packedQuerySync } = proto
+    proto.querySync = function querySync(sql, params) {
+      return unpack(packedQuerySync.call(this, sql, params))
+    }
+    const query = function query(sql, params, options, cancellation) {
+      return settle(packedQuery.call(this, sql, params, options, cancellation))
+    }
+    // Likewise `execute`: a result when it ran on the calling thread, else a promise.
+    const { execute: eagerExecute, command, pipeline } = proto
+    const execute = function execute(sql, params, options, cancellation) {
+      const r = eagerExecute.call(this, sql, params, options, cancellation)
+      return r instanceof Promise ? r : Promise.resolve(r)
+    }
     proto.query = function query_(sql, params, options) {
       return options === undefined ? query.call(this, sql, params) : bounded(this, query, [sql, params], options)
     }
+    const groupable = cls === ConnectionPool
     proto.execute = function execute_(sql, params, options) {
-      return options === undefined ? execute.call(this, sql, params) : bounded(this, execute, [sql, params], options)
+      if (options !== undefined) return bounded(this, execute, [sql, params], options)
+      if (groupable && (this[isSqlite] ??= this.backend === 'sqlite')) return grouped(this, eagerExecute, sql, params)
+      return execute.call(this, sql, params)
     }
     proto.pipeline = function pipeline_(commands, options) {
       return options === undefined ? pipeline.call(this, commands) : bounded(this, pipeline, [commands], options)

@@ -46,6 +46,20 @@ impl Statement {
         }
     }
 
+    /// Whether it may share one transaction with other statements in a group commit
+    /// (SQLite): a plain INSERT, UPDATE, DELETE or REPLACE run for its effect.
+    pub fn can_group(&self) -> bool {
+        match self {
+            Statement::Execute(sql, _) => {
+                matches!(
+                    leading_keyword(sql).0.as_str(),
+                    "insert" | "update" | "delete" | "replace"
+                ) && self.can_pipeline()
+            }
+            _ => false,
+        }
+    }
+
     /// Whether it can share a connection with other statements in flight: not when it opens
     /// or ends a transaction, changes session state (or is a Redis MULTI/WATCH or blocking
     /// command), which would bleed into its neighbours or stall them.
@@ -296,6 +310,62 @@ impl Connection {
         Some(outcome)
     }
 
+    /// SQLite: independent writes as one transaction on the calling thread (see
+    /// [`SqliteConnection::run_group_now`](crate::pool::sqlite::SqliteConnection::run_group_now)).
+    /// `None`: not SQLite, or cut off at `limit` (nothing took effect).
+    pub(crate) fn run_group_now(
+        &self,
+        items: &[(&str, &[Value])],
+        limit: Duration,
+    ) -> Option<Vec<Result<Outcome>>> {
+        let Backend::Sqlite(s) = &self.backend else {
+            return None;
+        };
+        let started = Instant::now();
+        let outcomes = s.run_group_now(items, limit)?;
+        Some(self.after_group(items.iter().map(|(sql, _)| *sql), started, outcomes))
+    }
+
+    /// [`run_group_now`](Self::run_group_now) off the calling thread (a dispatcher's batch of
+    /// queued writes), within statementTimeoutMs when set.
+    pub(crate) async fn run_group(&self, statements: &[Statement]) -> Option<Vec<Result<Outcome>>> {
+        let Backend::Sqlite(s) = &self.backend else {
+            return None;
+        };
+        let items: Vec<(String, Vec<Value>)> = statements
+            .iter()
+            .filter_map(|st| match st {
+                Statement::Execute(sql, params) => Some((sql.clone(), params.clone())),
+                _ => None,
+            })
+            .collect();
+        if items.len() != statements.len() {
+            return None;
+        }
+        let started = Instant::now();
+        let outcomes = s.run_group(items).await?;
+        let sqls = statements.iter().map(|st| match st {
+            Statement::Execute(sql, _) => sql.as_str(),
+            _ => "",
+        });
+        Some(self.after_group(sqls, started, outcomes))
+    }
+
+    /// Counts a group's statements, each profiled at its share of the group: what it costs
+    /// in one.
+    fn after_group<'s>(
+        &self,
+        sqls: impl ExactSizeIterator<Item = &'s str>,
+        started: Instant,
+        outcomes: Vec<Result<ExecuteResult>>,
+    ) -> Vec<Result<Outcome>> {
+        let share = started.elapsed() / sqls.len().max(1) as u32;
+        for (sql, outcome) in sqls.zip(&outcomes) {
+            self.record(sql, share, share, None, outcome);
+        }
+        outcomes.into_iter().map(|o| o.map(Outcome::Done)).collect()
+    }
+
     /// SQLite: the rows of `sql` in batches, read only as they are taken.
     pub(crate) fn sqlite_stream(
         &self,
@@ -354,15 +424,26 @@ impl Connection {
 
     fn after_statement<T>(&self, sql: &str, started: Instant, result: &Result<T>) {
         let now = Instant::now();
-        let took = now - started;
+        let read_only = match &self.backend {
+            Backend::Sqlite(s) => s.last_read_only(),
+            _ => None,
+        };
+        let own = self.own_cost(started, now);
+        self.record(sql, now - started, own, read_only, result);
+    }
+
+    /// Counts one statement that took `took` (`own` of it its own cost) and profiles it.
+    fn record<T>(
+        &self,
+        sql: &str,
+        took: Duration,
+        own: Duration,
+        read_only: Option<bool>,
+        result: &Result<T>,
+    ) {
         self.recorder.queries.inc();
         self.recorder.query_latency.record(took);
-        let own = self.own_cost(started, now);
         if result.is_ok() {
-            let read_only = match &self.backend {
-                Backend::Sqlite(s) => s.last_read_only(),
-                _ => None,
-            };
             self.profiles.observe(sql, own, read_only);
         }
         if changes_session(sql) {
@@ -599,16 +680,53 @@ impl Drop for Connection {
     }
 }
 
-/// The statement's first keyword, lower-cased, after whitespace and comments.
-pub(crate) fn leading_keyword(sql: &str) -> (String, &str) {
+/// The statement's first keyword, lower-cased, after whitespace and comments. Every call
+/// site compares it with keywords of at most [`Keyword::MAX`] letters; a longer word is kept
+/// as `""`, which matches none. Allocates nothing: it runs for every statement.
+pub(crate) fn leading_keyword(sql: &str) -> (Keyword, &str) {
     let text = skip_comments(sql);
-    let word: String = text
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .collect::<String>()
-        .to_ascii_lowercase();
-    let rest = &text[word.len()..];
-    (word, rest)
+    let len = text.bytes().take_while(u8::is_ascii_alphabetic).count();
+    let mut word = Keyword {
+        letters: [0; Keyword::MAX],
+        len: 0,
+    };
+    if len <= Keyword::MAX {
+        for (slot, b) in word.letters.iter_mut().zip(text.bytes()) {
+            *slot = b.to_ascii_lowercase();
+        }
+        word.len = len;
+    }
+    (word, &text[len..])
+}
+
+/// A statement's first keyword, lower-cased (see [`leading_keyword`]).
+pub(crate) struct Keyword {
+    letters: [u8; Keyword::MAX],
+    len: usize,
+}
+
+impl Keyword {
+    const MAX: usize = 12;
+
+    pub(crate) fn as_str(&self) -> &str {
+        // ASCII letters only.
+        std::str::from_utf8(&self.letters[..self.len]).unwrap_or("")
+    }
+}
+
+impl PartialEq<&str> for Keyword {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// Whether `haystack` contains `needle` (lower-case ASCII) in any letter case.
+fn contains_ignoring_case(haystack: &str, needle: &str) -> bool {
+    let (hay, needle) = (haystack.as_bytes(), needle.as_bytes());
+    hay.len() >= needle.len()
+        && hay
+            .windows(needle.len())
+            .any(|w| w[0].to_ascii_lowercase() == needle[0] && w.eq_ignore_ascii_case(needle))
 }
 
 fn is_commit(sql: &str) -> bool {
@@ -639,22 +757,27 @@ pub(crate) fn changes_session(sql: &str) -> bool {
     if keyword {
         return true;
     }
-    let lower = sql.to_ascii_lowercase();
     // A cursor ends with its transaction unless declared WITH HOLD.
-    if word == "declare" && lower.contains("with hold") {
+    if word == "declare" && contains_ignoring_case(sql, "with hold") {
         return true;
     }
     let temp_table = word == "create" && {
-        let next = rest.trim_start().to_ascii_lowercase();
-        next.starts_with("temp")
-            || next.starts_with("global temp")
-            || next.starts_with("local temp")
+        let next = rest.trim_start().as_bytes();
+        let starts =
+            |p: &str| next.len() >= p.len() && next[..p.len()].eq_ignore_ascii_case(p.as_bytes());
+        starts("temp") || starts("global temp") || starts("local temp")
     };
+    // Every function named below has an underscore: most statements skip the scans.
     temp_table
-        || lower.contains("set_config")
-        || lower.contains("pg_advisory_lock")
-        || lower.contains("pg_try_advisory_lock")
-        || lower.contains("dblink_connect")
+        || (sql.contains('_')
+            && [
+                "set_config",
+                "pg_advisory_lock",
+                "pg_try_advisory_lock",
+                "dblink_connect",
+            ]
+            .iter()
+            .any(|f| contains_ignoring_case(sql, f)))
 }
 
 /// Whether a statement opens, ends or steps within a transaction (BEGIN, COMMIT, SAVEPOINT

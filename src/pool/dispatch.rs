@@ -226,11 +226,22 @@ async fn serve(pool: &Pool, kind: LaneKind, batch: Vec<Job>, waiting: Waiting<'_
                 return;
             }
         };
-        let run = futures::future::join_all(
-            statements
-                .iter()
-                .map(|st| async move { conn.run(&st.borrow()).await }),
-        );
+        // SQLite writes queued together commit together (one transaction, each statement's
+        // outcome its own); anything else, or a group cut off, runs statement by statement.
+        let group = statements.len() > 1 && statements.iter().all(Statement::can_group);
+        let run = async {
+            if group {
+                if let Some(results) = conn.run_group(&statements).await {
+                    return results;
+                }
+            }
+            futures::future::join_all(
+                statements
+                    .iter()
+                    .map(|st| async move { conn.run(&st.borrow()).await }),
+            )
+            .await
+        };
         match AssertUnwindSafe(run).catch_unwind().await {
             Ok(results) => results,
             // `pending` settles every caller with INTERNAL as it drops.

@@ -265,13 +265,14 @@ impl OrderedLease {
         }
         let lease = self.lease.try_lock().ok()?;
         drop(state);
+        let tried = Instant::now();
         let outcome = lease
             .connection()
             .ok()?
             .run_now(&statement.borrow(), Some(INLINE_LIMIT));
         match &outcome {
             Some(_) => lease.shared.recorder.inline_statements.inc(),
-            None => profiles.mark_slow(sql),
+            None => profiles.given_up(sql, tried.elapsed()),
         }
         outcome
     }

@@ -172,6 +172,9 @@ pub struct Pool {
     shared: Arc<PoolShared>,
 }
 
+/// Most writes one calling-thread group commit carries ([`Pool::try_inline_group`]).
+pub const MAX_GROUP: usize = 64;
+
 impl Pool {
     /// Builds the pool, warms `minIdle` connections in the background and starts maintenance.
     /// `runtime` runs background work; it must be a multi-threaded tokio runtime.
@@ -505,6 +508,7 @@ impl Pool {
             return None;
         }
         let conn = self.idle_connection(kind, true)?;
+        let tried = Instant::now();
         let outcome = conn.run_now(&op, Some(profile::INLINE_LIMIT));
         self.give_back(kind, conn);
         match outcome {
@@ -515,10 +519,62 @@ impl Pool {
                 Some(done)
             }
             None => {
-                s.profiles.mark_slow(sql);
+                s.profiles.given_up(sql, tried.elapsed());
                 None
             }
         }
+    }
+
+    /// SQLite: runs writes issued together (`execute` calls in one turn of the event loop) as
+    /// one transaction on the calling thread, when each is a plain cheap INSERT, UPDATE,
+    /// DELETE or REPLACE, the writer connection is idle and nothing is queued for it: one
+    /// commit instead of one each. Cut off at [`profile::INLINE_LIMIT`] like one statement
+    /// run inline (and then each is marked too slow for this thread). At most [`MAX_GROUP`]
+    /// statements. `None`: nothing ran; send them one by one.
+    pub fn try_inline_group(&self, statements: &[Statement]) -> Option<Vec<Result<Outcome>>> {
+        let s = &self.shared;
+        let n = statements.len();
+        if self.is_closed()
+            || s.config.target.backend() != "sqlite"
+            || !(2..=MAX_GROUP).contains(&n)
+        {
+            return None;
+        }
+        let mut items = Vec::with_capacity(statements.len());
+        for statement in statements {
+            let Statement::Execute(sql, params) = statement else {
+                return None;
+            };
+            if !statement.can_group() {
+                return None;
+            }
+            let profile = s.profiles.get(sql)?;
+            if !profile.is_cheap(s.config.inline_max) {
+                return None;
+            }
+            items.push((sql.as_str(), params.as_slice()));
+        }
+        let kind = s.write_lane();
+        if s.lane(kind).queue.lock().len() > 0 {
+            return None;
+        }
+        let conn = self.idle_connection(kind, true)?;
+        let tried = Instant::now();
+        let outcomes = conn.run_group_now(&items, profile::INLINE_LIMIT);
+        self.give_back(kind, conn);
+        let Some(outcomes) = outcomes else {
+            // Too slow for this thread together: none of them is tried here again.
+            let tried = tried.elapsed();
+            for (sql, _) in &items {
+                s.profiles.given_up(sql, tried);
+            }
+            return None;
+        };
+        let n = n as u64;
+        s.recorder.gets.add(n);
+        s.recorder.successful_gets.add(n);
+        s.recorder.inline_statements.add(n);
+        Some(outcomes)
     }
 
     /// SQLite: runs a statement on the calling thread and returns its outcome

@@ -90,6 +90,15 @@ impl Profiles {
         );
     }
 
+    /// The calling thread gave `sql` up after `tried`: cut off at [`INLINE_LIMIT`] marks it
+    /// slow ([`mark_slow`](Self::mark_slow)); locked out by another connection (at once) does
+    /// not, or a moment's lock would send a cheap statement off the thread for good.
+    pub fn given_up(&self, sql: &str, tried: Duration) {
+        if tried >= INLINE_LIMIT {
+            self.mark_slow(sql);
+        }
+    }
+
     /// Marks `sql` as too slow for the calling thread (it hit [`INLINE_LIMIT`]): its
     /// average becomes at least [`SLOW`], which no `inlineMicros` reaches.
     pub fn mark_slow(&self, sql: &str) {

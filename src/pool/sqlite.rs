@@ -26,6 +26,8 @@ pub struct SqliteConnection {
     deadline: Arc<AtomicU64>,
     /// Whether the last statement prepared only reads (0 unknown, 1 yes, 2 no).
     read_only: Arc<AtomicU8>,
+    /// How long a statement off the calling thread waits for another connection's lock.
+    busy_timeout: Duration,
 }
 
 /// A fixed instant that statement deadlines are counted from.
@@ -127,6 +129,7 @@ pub async fn connect(
         statement_timeout: (!statement_timeout.is_zero()).then_some(statement_timeout),
         deadline,
         read_only: Arc::default(),
+        busy_timeout,
     })
 }
 
@@ -326,6 +329,120 @@ fn run_execute(
     })
 }
 
+fn interrupted(e: &Error) -> bool {
+    e.sqlstate.as_deref() == Some("SQLITE_9")
+}
+
+/// SQLITE_BUSY or SQLITE_LOCKED (any extended code): another connection holds a lock the
+/// statement needs, and it did nothing.
+fn busy(e: &Error) -> bool {
+    let code = e
+        .sqlstate
+        .as_deref()
+        .and_then(|s| s.strip_prefix("SQLITE_"));
+    code.and_then(|c| c.parse::<u32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+}
+
+/// While it lives, statements on the calling thread never sleep in SQLite's busy handler:
+/// a lock held elsewhere fails them at once (with no effect), and they run off the thread.
+struct NeverWait<'c> {
+    conn: &'c Connection,
+    restore: Duration,
+}
+
+impl<'c> NeverWait<'c> {
+    fn new(conn: &'c Connection, restore: Duration) -> NeverWait<'c> {
+        let _ = conn.busy_timeout(Duration::ZERO);
+        NeverWait { conn, restore }
+    }
+}
+
+impl Drop for NeverWait<'_> {
+    fn drop(&mut self) {
+        let _ = self.conn.busy_timeout(self.restore);
+    }
+}
+
+/// A group on its locked connection, within `limit`: never inside an open transaction.
+fn group_locked(
+    conn: &Connection,
+    items: &[(&str, &[Value])],
+    limit: Option<Duration>,
+    give_up_when_busy: bool,
+    deadline: &AtomicU64,
+    read_only: &AtomicU8,
+) -> Option<Vec<Result<ExecuteResult>>> {
+    if !conn.is_autocommit() {
+        return None;
+    }
+    if let Some(limit) = limit {
+        deadline.store(
+            micros_since_epoch(Instant::now() + limit),
+            Ordering::Relaxed,
+        );
+    }
+    let outcome = run_group(conn, items, give_up_when_busy, read_only);
+    deadline.store(0, Ordering::Relaxed);
+    if !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    outcome
+}
+
+/// [`SqliteConnection::run_group_now`]'s transaction; `None` when interrupted (or, when
+/// `give_up_when_busy`, locked out by another connection).
+fn run_group(
+    conn: &Connection,
+    items: &[(&str, &[Value])],
+    give_up_when_busy: bool,
+    read_only: &AtomicU8,
+) -> Option<Vec<Result<ExecuteResult>>> {
+    let give_up = |e: &Error| interrupted(e) || (give_up_when_busy && busy(e));
+    let mut outcomes: Vec<Option<Result<ExecuteResult>>> = vec![None; items.len()];
+    'transaction: loop {
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE").map_err(query_error) {
+            if give_up(&e) {
+                return None;
+            }
+            return Some(items.iter().map(|_| Err(e.clone())).collect());
+        }
+        for (i, (sql, params)) in items.iter().enumerate() {
+            if matches!(outcomes[i], Some(Err(_))) {
+                continue; // failed in an earlier attempt: reported, never run again
+            }
+            match run_execute(conn, sql, params, read_only) {
+                Ok(done) => outcomes[i] = Some(Ok(done)),
+                Err(e) if give_up(&e) => return None,
+                Err(e) => {
+                    outcomes[i] = Some(Err(e));
+                    if conn.is_autocommit() {
+                        // The failure rolled the whole transaction back (e.g. ON CONFLICT
+                        // ROLLBACK): the statements before it are undone; run them again.
+                        continue 'transaction;
+                    }
+                }
+            }
+        }
+        if let Err(e) = conn.execute_batch("COMMIT").map_err(query_error) {
+            if give_up(&e) {
+                return None;
+            }
+            for outcome in outcomes.iter_mut() {
+                if matches!(outcome, Some(Ok(_))) {
+                    *outcome = Some(Err(e.clone()));
+                }
+            }
+        }
+        return Some(
+            outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| Err(Error::internal("statement was not run"))))
+                .collect(),
+        );
+    }
+}
+
 fn is_insert(sql: &str) -> bool {
     matches!(leading_keyword(sql).0.as_str(), "insert" | "replace")
 }
@@ -398,6 +515,7 @@ impl SqliteConnection {
         limit: Option<Duration>,
     ) -> Option<Result<Outcome>> {
         let conn = self.conn.lock();
+        let _never_wait = limit.map(|_| NeverWait::new(&conn, self.busy_timeout));
         let bound = limit.or(self.statement_timeout);
         if let Some(b) = bound {
             self.deadline
@@ -412,7 +530,8 @@ impl SqliteConnection {
             self.deadline.store(0, Ordering::Relaxed);
         }
         match outcome {
-            Err(e) if e.sqlstate.as_deref() == Some("SQLITE_9") && limit.is_some() => None,
+            // Cut off, or locked out by another connection: no effect; run it off the thread.
+            Err(e) if limit.is_some() && (interrupted(&e) || busy(&e)) => None,
             Err(e) if e.sqlstate.as_deref() == Some("SQLITE_9") => {
                 let ms = bound.map_or(0.0, |b| b.as_secs_f64() * 1000.0);
                 let mut err = Error::new(
@@ -424,6 +543,55 @@ impl SqliteConnection {
             }
             other => Some(other),
         }
+    }
+
+    /// Runs independent writes as one transaction on the calling thread, within `limit`
+    /// (group commit: one WAL commit for the lot). Each statement's outcome is its own: one
+    /// that fails is undone alone and the others carry on; one whose failure undid the whole
+    /// transaction is reported and the rest run again in a fresh one, so every statement
+    /// reported done is in the committed transaction, and none is in it twice. A failed
+    /// COMMIT fails them all (none took effect). `None`: the limit cut it off — everything
+    /// was rolled back, so each statement may run again elsewhere.
+    pub fn run_group_now(
+        &self,
+        items: &[(&str, &[Value])],
+        limit: Duration,
+    ) -> Option<Vec<Result<ExecuteResult>>> {
+        let conn = self.conn.lock();
+        let _never_wait = NeverWait::new(&conn, self.busy_timeout);
+        group_locked(
+            &conn,
+            items,
+            Some(limit),
+            true,
+            &self.deadline,
+            &self.read_only,
+        )
+    }
+
+    /// [`run_group_now`](Self::run_group_now) on a blocking thread, within
+    /// statementTimeoutMs when set. `None`: cut off by it (nothing took effect).
+    pub async fn run_group(
+        &self,
+        items: Vec<(String, Vec<Value>)>,
+    ) -> Option<Vec<Result<ExecuteResult>>> {
+        let (conn, deadline, read_only) = (
+            Arc::clone(&self.conn),
+            Arc::clone(&self.deadline),
+            Arc::clone(&self.read_only),
+        );
+        let limit = self.statement_timeout;
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock();
+            let items: Vec<(&str, &[Value])> = items
+                .iter()
+                .map(|(sql, params)| (sql.as_str(), params.as_slice()))
+                .collect();
+            group_locked(&conn, &items, limit, false, &deadline, &read_only)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Whether the last statement run only reads (for routing it to the readers next time).
