@@ -144,6 +144,32 @@ describe('SQLite on the calling thread', () => {
     }
   })
 
+  it('answers reads issued together each with its own rows, one failing alone', async () => {
+    const pool = open({ url: `sqlite:${path.join(dir, 'reads.db')}`, maxSize: 4, inlineMicros: 2000 })
+    await pool.execute('create table q(id integer primary key, sym text)')
+    await pool.execute("with recursive n(i) as (select 1 union all select i + 1 from n where i < 100) insert into q(sym) select 'S' || i from n")
+    const read = 'select id, sym from q where id = $1'
+    const overflow = 'select abs($1) as v' // abs of the smallest 64-bit integer overflows
+    for (let i = 0; i < 3; i++) {
+      await pool.query(read, [1]) // learnt: cheap and read-only
+      await pool.query(overflow, [-5])
+    }
+    const before = pool.metrics().inlineStatements
+    const results = await Promise.allSettled([
+      ...Array.from({ length: 40 }, (_, i) => pool.query(read, [i + 1])),
+      pool.query(overflow, [-9223372036854775808n]),
+      pool.query(overflow, [-7]),
+    ])
+    results.slice(0, 40).forEach((r, i) => {
+      expect(r.status).toBe('fulfilled')
+      expect((r as PromiseFulfilledResult<any>).value.rows).toEqual([{ id: i + 1, sym: `S${i + 1}` }])
+    })
+    expect(results[40].status).toBe('rejected')
+    expect(String((results[40] as PromiseRejectedResult).reason.message)).toMatch(/overflow/)
+    expect((results[41] as PromiseFulfilledResult<any>).value.rows).toEqual([{ v: 7 }])
+    expect(pool.metrics().inlineStatements - before).toBeGreaterThanOrEqual(40) // none left the thread
+  })
+
   it('never runs inline with inlineMicros: 0, and rejects a bad inlineMicros', async () => {
     const pool = open({ url: 'sqlite::memory:', maxSize: 2, inlineMicros: 0 })
     for (let i = 0; i < 20; i++) await pool.query('select 1 as one')

@@ -373,19 +373,62 @@ fn raw(v: &Option<Unknown<'_>>) -> Option<sys::napi_value> {
     v.as_ref().map(|u| u.raw())
 }
 
-/// Reads `[sql, params, sql, params, …]` into `execute` statements.
-fn group_from_js(env: &Env, items: sys::napi_value) -> CoreResult<Vec<Statement>> {
+/// Reads `[sql, params, sql, params, …]` into statements.
+fn group_from_js(
+    env: &Env,
+    items: sys::napi_value,
+    statement: fn(String, Vec<Value>) -> Statement,
+) -> CoreResult<Vec<Statement>> {
     let n = values::array_length(env, items)?;
     let mut out = Vec::with_capacity(n as usize / 2);
     for i in (0..n.saturating_sub(1)).step_by(2) {
         let sql = values::string_at(env, items, i, "group sql")?;
         let params = values::element_at(env, items, i + 1)?;
-        out.push(Statement::Execute(
-            sql,
-            values::params_from_js(env, Some(params))?,
-        ));
+        out.push(statement(sql, values::params_from_js(env, Some(params))?));
     }
     Ok(out)
+}
+
+/// `_executeGroup` / `_queryGroup`: the group run on the calling thread by `run`, as a JS
+/// array of each statement's result (an error object for a failed one), or `null` when
+/// nothing ran — a malformed item too: then each goes its own way and meets its own error.
+fn run_group<'e>(
+    pool: &ConnectionPool,
+    env: &'e Env,
+    items: Unknown<'e>,
+    statement: fn(String, Vec<Value>) -> Statement,
+    run: impl FnOnce(&Pool, &[Statement]) -> Option<Vec<CoreResult<Outcome>>>,
+) -> napi::Result<Unknown<'e>> {
+    let raw_env = env.raw();
+    let outcomes = match group_from_js(env, items.raw(), statement) {
+        Ok(statements) if pool.check_open().is_ok() => {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(&pool.pool, &statements)
+            }))
+            .unwrap_or(None)
+        }
+        _ => None,
+    };
+    let mut out = std::ptr::null_mut();
+    let Some(outcomes) = outcomes else {
+        unsafe { sys::napi_get_null(raw_env, &mut out) };
+        return Ok(unsafe { Unknown::from_raw_unchecked(raw_env, out) });
+    };
+    unsafe { sys::napi_create_array_with_length(raw_env, outcomes.len(), &mut out) };
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let value = match outcome {
+            Ok(Outcome::Done(d)) => unsafe { ExecuteResult::to_napi_value(raw_env, done(d))? },
+            Ok(Outcome::Rows(rows)) => unsafe {
+                Packed::to_napi_value(raw_env, packed(rows, pool.int8))?
+            },
+            Ok(_) => return unreachable_value(),
+            Err(e) => super::errors::error_object(env, &e)
+                .map_err(|_| napi::Error::from_reason("could not create an error"))?
+                .raw(),
+        };
+        unsafe { sys::napi_set_element(raw_env, out, i as u32, value) };
+    }
+    Ok(unsafe { Unknown::from_raw_unchecked(raw_env, out) })
 }
 
 /// Reads `[[name, ...args], ...]`.
@@ -749,39 +792,20 @@ impl ConnectionPool {
     /// they qualify ([`Pool::try_inline_group`]). Each item's result or error, in order;
     /// `null` when nothing ran (then each is executed on its own).
     #[napi(js_name = "_executeGroup", skip_typescript)]
-    pub fn execute_group(&self, env: Env, items: Unknown<'_>) -> napi::Result<Unknown<'_>> {
-        let raw_env = env.raw();
-        let null = || {
-            let mut out = std::ptr::null_mut();
-            unsafe { sys::napi_get_null(raw_env, &mut out) };
-            Ok(unsafe { Unknown::from_raw_unchecked(raw_env, out) })
-        };
-        let Ok(statements) = group_from_js(&env, items.raw()) else {
-            return null();
-        };
-        if self.check_open().is_err() {
-            return null();
-        }
-        let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.pool.try_inline_group(&statements)
-        }))
-        .unwrap_or(None);
-        let Some(outcomes) = outcomes else {
-            return null();
-        };
-        let mut array = std::ptr::null_mut();
-        unsafe { sys::napi_create_array_with_length(raw_env, outcomes.len(), &mut array) };
-        for (i, outcome) in outcomes.into_iter().enumerate() {
-            let value = match outcome {
-                Ok(Outcome::Done(d)) => unsafe { ExecuteResult::to_napi_value(raw_env, done(d))? },
-                Ok(_) => return unreachable_value(),
-                Err(e) => super::errors::error_object(&env, &e)
-                    .map_err(|_| napi::Error::from_reason("could not create an error"))?
-                    .raw(),
-            };
-            unsafe { sys::napi_set_element(raw_env, array, i as u32, value) };
-        }
-        Ok(unsafe { Unknown::from_raw_unchecked(raw_env, array) })
+    pub fn execute_group<'e>(&self, env: &'e Env, items: Unknown<'e>) -> napi::Result<Unknown<'e>> {
+        run_group(self, env, items, Statement::Execute, |pool, statements| {
+            pool.try_inline_group(statements)
+        })
+    }
+
+    /// Internal (wrappers.js): `query` calls made in one turn of the event loop, run in one
+    /// read transaction on the calling thread when they qualify ([`Pool::try_inline_reads`]).
+    /// Each item's packed rows or error, in order; `null` when nothing ran.
+    #[napi(js_name = "_queryGroup", skip_typescript)]
+    pub fn query_group<'e>(&self, env: &'e Env, items: Unknown<'e>) -> napi::Result<Unknown<'e>> {
+        run_group(self, env, items, Statement::Query, |pool, statements| {
+            pool.try_inline_reads(statements)
+        })
     }
 
     /// Redis: runs one command, e.g. `command('SET', 'k', 'v')`; the arguments may also come

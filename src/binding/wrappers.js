@@ -93,25 +93,55 @@
     return { rows, rowCount: p[1], fields: shape.fields.slice() }
   }
 
-  // A statement run on the calling thread comes back as its packed rows; one sent comes back
-  // as a promise of them.
-  const settle = (r) => (Array.isArray(r) ? Promise.resolve(unpack(r)) : r.then(unpack))
+  // A statement run on the calling thread comes back as its result (packed rows for a
+  // query); one sent comes back as a promise of it.
+  const direct = (r, shape) => (r instanceof Promise ? r.then(shape) : Promise.resolve(shape(r)))
+  const same = (r) => r
 
-  // SQLite group commit: `execute` calls on a pool in one turn of the event loop are held
-  // until the turn's microtasks run, then offered to the native side as one group
-  // (`_executeGroup`: one transaction, one commit, on the calling thread when each is a cheap
-  // plain write and the writer is idle). Declined, each runs on its own as before. A lone
-  // call only waits for that microtask.
+  // SQLite statements issued together. In one turn of the event loop (until its microtasks
+  // run), a pool's first `query` and first `execute` go straight to the native side as ever;
+  // the ones after them are held and offered as a group when the turn's microtasks run:
+  // reads in one read transaction (`_queryGroup`: one snapshot, one lock round), writes in
+  // one transaction (`_executeGroup`: one commit), on the calling thread when each is cheap
+  // and a connection is idle. Declined (`null`), each runs on its own as before.
   const GROUP_MAX = 64 // src/pool/mod.rs MAX_GROUP
-  const groups = new WeakMap()
-  const isSqlite = Symbol('quartermaster.isSqlite')
+  // The turn: a number that moves on once the microtasks queued in it run (one microtask per
+  // turn, whatever the pools).
+  let turn = 0
+  let turnEnds = false
+  const endTurn = () => {
+    turn++
+    turnEnds = false
+  }
 
-  function grouped(pool, eagerExecute, sql, params) {
-    let group = groups.get(pool)
+  // A pool's grouping state, under one symbol (null: not a SQLite pool): per kind, the turn
+  // of its last call and the group open in it.
+  const grouping = Symbol('quartermaster.grouping')
+  function groupState(pool) {
+    let state = pool[grouping]
+    if (state === undefined) {
+      const sqlite = pool.backend === 'sqlite'
+      state = pool[grouping] = sqlite ? { query: { turn: -1, open: undefined }, execute: { turn: -1, open: undefined } } : null
+    }
+    return state
+  }
+
+  // `eager(sql, params)`: the native call (a result when it ran here, else a promise);
+  // `together(items)`: the group call; `shape(r)`: a native result as the caller sees it.
+  function coalesced(kind, pool, eager, together, shape, sql, params) {
+    if (!turnEnds) {
+      turnEnds = true
+      queueMicrotask(endTurn)
+    }
+    if (kind.turn !== turn) {
+      kind.turn = turn // the first of its kind this turn: at once
+      kind.open = undefined
+      return direct(eager.call(pool, sql, params), shape)
+    }
+    let group = kind.open
     if (group === undefined || group.items.length >= GROUP_MAX * 2) {
-      group = { items: [], settle: [] }
-      groups.set(pool, group)
-      queueMicrotask(() => runGroup(pool, eagerExecute, group))
+      group = kind.open = { pool, eager, together, shape, items: [], settle: [] }
+      queueMicrotask(() => runGroup(group))
     }
     return new Promise((resolve, reject) => {
       group.items.push(sql, params)
@@ -119,26 +149,32 @@
     })
   }
 
-  function runGroup(pool, eagerExecute, group) {
-    if (groups.get(pool) === group) groups.delete(pool)
-    const { items, settle } = group
-    const results = items.length > 2 ? pool._executeGroup(items) : null
+  function runGroup(group) {
+    const { pool, eager, together, shape, items, settle } = group
+    let results = null
+    if (items.length > 2) {
+      try {
+        results = together.call(pool, items)
+      } catch (_) {
+        results = null // e.g. the pool closed meanwhile: each meets its own error below
+      }
+    }
     for (let i = 0; i < settle.length; i += 2) {
       if (results !== null) {
         const r = results[i / 2]
         if (r instanceof Error) settle[i + 1](r)
-        else settle[i](r)
-      } else {
-        let r
-        try {
-          r = eagerExecute.call(pool, items[i], items[i + 1])
-        } catch (err) {
-          settle[i + 1](err)
-          continue
-        }
-        if (r instanceof Promise) r.then(settle[i], settle[i + 1])
-        else settle[i](r)
+        else settle[i](shape(r))
+        continue
       }
+      let r
+      try {
+        r = eager.call(pool, items[i], items[i + 1])
+      } catch (err) {
+        settle[i + 1](err)
+        continue
+      }
+      if (r instanceof Promise) r.then(shape).then(settle[i], settle[i + 1])
+      else settle[i](shape(r))
     }
   }
 
@@ -149,22 +185,35 @@
       return unpack(packedQuerySync.call(this, sql, params))
     }
     const query = function query(sql, params, options, cancellation) {
-      return settle(packedQuery.call(this, sql, params, options, cancellation))
+      return direct(packedQuery.call(this, sql, params, options, cancellation), unpack)
     }
     // Likewise `execute`: a result when it ran on the calling thread, else a promise.
     const { execute: eagerExecute, command, pipeline } = proto
     const execute = function execute(sql, params, options, cancellation) {
-      const r = eagerExecute.call(this, sql, params, options, cancellation)
-      return r instanceof Promise ? r : Promise.resolve(r)
+      return direct(eagerExecute.call(this, sql, params, options, cancellation), same)
     }
-    proto.query = function query_(sql, params, options) {
-      return options === undefined ? query.call(this, sql, params) : bounded(this, query, [sql, params], options)
-    }
-    const groupable = cls === ConnectionPool
-    proto.execute = function execute_(sql, params, options) {
-      if (options !== undefined) return bounded(this, execute, [sql, params], options)
-      if (groupable && (this[isSqlite] ??= this.backend === 'sqlite')) return grouped(this, eagerExecute, sql, params)
-      return execute.call(this, sql, params)
+    if (cls === ConnectionPool) {
+      // A pool's statements may be grouped (a lease's keep their order instead).
+      const { _queryGroup, _executeGroup } = proto
+      proto.query = function query_(sql, params, options) {
+        if (options !== undefined) return bounded(this, query, [sql, params], options)
+        const state = groupState(this)
+        if (state === null) return query.call(this, sql, params)
+        return coalesced(state.query, this, packedQuery, _queryGroup, unpack, sql, params)
+      }
+      proto.execute = function execute_(sql, params, options) {
+        if (options !== undefined) return bounded(this, execute, [sql, params], options)
+        const state = groupState(this)
+        if (state === null) return execute.call(this, sql, params)
+        return coalesced(state.execute, this, eagerExecute, _executeGroup, same, sql, params)
+      }
+    } else {
+      proto.query = function query_(sql, params, options) {
+        return options === undefined ? query.call(this, sql, params) : bounded(this, query, [sql, params], options)
+      }
+      proto.execute = function execute_(sql, params, options) {
+        return options === undefined ? execute.call(this, sql, params) : bounded(this, execute, [sql, params], options)
+      }
     }
     proto.pipeline = function pipeline_(commands, options) {
       return options === undefined ? pipeline.call(this, commands) : bounded(this, pipeline, [commands], options)

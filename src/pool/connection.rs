@@ -323,7 +323,12 @@ impl Connection {
         };
         let started = Instant::now();
         let outcomes = s.run_group_now(items, limit)?;
-        Some(self.after_group(items.iter().map(|(sql, _)| *sql), started, outcomes))
+        Some(self.after_group(
+            items.iter().map(|(sql, _)| *sql),
+            started,
+            outcomes,
+            Outcome::Done,
+        ))
     }
 
     /// [`run_group_now`](Self::run_group_now) off the calling thread (a dispatcher's batch of
@@ -348,22 +353,39 @@ impl Connection {
             Statement::Execute(sql, _) => sql.as_str(),
             _ => "",
         });
-        Some(self.after_group(sqls, started, outcomes))
+        Some(self.after_group(sqls, started, outcomes, Outcome::Done))
     }
 
     /// Counts a group's statements, each profiled at its share of the group: what it costs
     /// in one.
-    fn after_group<'s>(
+    fn after_group<'s, T>(
         &self,
         sqls: impl ExactSizeIterator<Item = &'s str>,
         started: Instant,
-        outcomes: Vec<Result<ExecuteResult>>,
+        outcomes: Vec<Result<T>>,
+        outcome: fn(T) -> Outcome,
     ) -> Vec<Result<Outcome>> {
         let share = started.elapsed() / sqls.len().max(1) as u32;
-        for (sql, outcome) in sqls.zip(&outcomes) {
-            self.record(sql, share, share, None, outcome);
+        for (sql, result) in sqls.zip(&outcomes) {
+            self.record(sql, share, share, None, result);
         }
-        outcomes.into_iter().map(|o| o.map(Outcome::Done)).collect()
+        outcomes.into_iter().map(|o| o.map(outcome)).collect()
+    }
+
+    /// SQLite: reads issued together, in one read transaction on the calling thread (see
+    /// [`SqliteConnection::run_reads_now`](crate::pool::sqlite::SqliteConnection::run_reads_now)).
+    pub(crate) fn run_reads_now(
+        &self,
+        items: &[(&str, &[Value])],
+        limit: Duration,
+    ) -> Option<Vec<Result<Outcome>>> {
+        let Backend::Sqlite(s) = &self.backend else {
+            return None;
+        };
+        let started = Instant::now();
+        let outcomes = s.run_reads_now(items, limit)?;
+        let sqls = items.iter().map(|(sql, _)| *sql);
+        Some(self.after_group(sqls, started, outcomes, Outcome::Rows))
     }
 
     /// SQLite: the rows of `sql` in batches, read only as they are taken.

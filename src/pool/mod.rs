@@ -577,6 +577,54 @@ impl Pool {
         Some(outcomes)
     }
 
+    /// SQLite: runs reads issued together (`query` calls in one turn of the event loop) in
+    /// one read transaction on the calling thread, when each is known to be cheap and
+    /// read-only, a reader is idle and nothing is queued for it. At most [`MAX_GROUP`].
+    /// `None`: nothing ran; send them one by one.
+    pub fn try_inline_reads(&self, statements: &[Statement]) -> Option<Vec<Result<Outcome>>> {
+        let s = &self.shared;
+        let n = statements.len();
+        if self.is_closed()
+            || s.config.target.backend() != "sqlite"
+            || !(2..=MAX_GROUP).contains(&n)
+        {
+            return None;
+        }
+        let mut items = Vec::with_capacity(n);
+        for statement in statements {
+            let Statement::Query(sql, params) = statement else {
+                return None;
+            };
+            let profile = s.profiles.get(sql)?;
+            let cheap_read =
+                profile.read_only == Some(true) && profile.is_cheap(s.config.inline_max);
+            if !cheap_read || !statement.can_pipeline() {
+                return None;
+            }
+            items.push((sql.as_str(), params.as_slice()));
+        }
+        let kind = LaneKind::Main;
+        if s.lane(kind).queue.lock().len() > 0 {
+            return None;
+        }
+        let conn = self.idle_connection(kind, true)?;
+        let tried = Instant::now();
+        let outcomes = conn.run_reads_now(&items, profile::INLINE_LIMIT);
+        self.give_back(kind, conn);
+        let Some(outcomes) = outcomes else {
+            let tried = tried.elapsed();
+            for (sql, _) in &items {
+                s.profiles.given_up(sql, tried);
+            }
+            return None;
+        };
+        let n = n as u64;
+        s.recorder.gets.add(n);
+        s.recorder.successful_gets.add(n);
+        s.recorder.inline_statements.add(n);
+        Some(outcomes)
+    }
+
     /// SQLite: runs a statement on the calling thread and returns its outcome
     /// (`querySync` / `executeSync`). Waits at most `acquireTimeoutMs` for a connection.
     pub fn run_sync(&self, statement: &Statement) -> Result<Outcome> {

@@ -364,6 +364,28 @@ impl Drop for NeverWait<'_> {
     }
 }
 
+/// [`SqliteConnection::run_reads_now`]'s transaction; `None` when interrupted or locked out.
+fn read_group(
+    conn: &Connection,
+    items: &[(&str, &[Value])],
+    read_only: &AtomicU8,
+) -> Option<Vec<Result<QueryResult>>> {
+    let give_up = |e: &Error| interrupted(e) || busy(e);
+    if conn.execute_batch("BEGIN").is_err() {
+        return None;
+    }
+    let mut outcomes = Vec::with_capacity(items.len());
+    for (sql, params) in items {
+        match run_query(conn, sql, params, read_only) {
+            Err(e) if give_up(&e) => return None,
+            other => outcomes.push(other),
+        }
+    }
+    // Nothing was written: the end of the transaction only lets the snapshot go.
+    let _ = conn.execute_batch("COMMIT");
+    Some(outcomes)
+}
+
 /// A group on its locked connection, within `limit`: never inside an open transaction.
 fn group_locked(
     conn: &Connection,
@@ -567,6 +589,32 @@ impl SqliteConnection {
             &self.deadline,
             &self.read_only,
         )
+    }
+
+    /// Runs reads issued together on the calling thread in one read transaction, within
+    /// `limit`: one snapshot and one lock round for the lot instead of one each (they were
+    /// concurrent, so one instant serves them all). Each read's outcome is its own. `None`:
+    /// cut off at `limit`, or locked out (nothing was returned; run them elsewhere).
+    pub fn run_reads_now(
+        &self,
+        items: &[(&str, &[Value])],
+        limit: Duration,
+    ) -> Option<Vec<Result<QueryResult>>> {
+        let conn = self.conn.lock();
+        if !conn.is_autocommit() {
+            return None;
+        }
+        let _never_wait = NeverWait::new(&conn, self.busy_timeout);
+        self.deadline.store(
+            micros_since_epoch(Instant::now() + limit),
+            Ordering::Relaxed,
+        );
+        let outcome = read_group(&conn, items, &self.read_only);
+        self.deadline.store(0, Ordering::Relaxed);
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        outcome
     }
 
     /// [`run_group_now`](Self::run_group_now) on a blocking thread, within
