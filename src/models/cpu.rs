@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::models::format::{
     Activation, Architecture, DenseSpec, LstmLayerSpec, ModelSpec, Weights,
 };
-use crate::models::matmul::{matmul, Shape};
+use crate::models::matmul::{matmul, matmul_fused, Epilogue, Shape};
 
 /// A GEMM this large, in a batch too small to split, may use rayon's pool by itself.
 const PARALLEL_MACS: usize = 1 << 21;
@@ -163,16 +163,24 @@ struct Layers<'w> {
 }
 
 impl Layers<'_> {
+    fn wide(&self, s: Shape) -> bool {
+        self.wide && s.rows.saturating_mul(s.cols).saturating_mul(s.depth) >= PARALLEL_MACS
+    }
+
+    /// [`matmul_fused`]: `false` (nothing written) where it is not available.
+    fn gemm_fused(
+        &self,
+        s: Shape,
+        lhs: &[f32],
+        w: &[f32],
+        dst: &mut [f32],
+        e: Epilogue<'_>,
+    ) -> bool {
+        matmul_fused(s, lhs, w, dst, e, self.wide(s))
+    }
+
     fn gemm(&self, s: Shape, lhs: &[f32], w: &[f32], dst: &mut [f32], accumulate: bool) {
-        let macs = s.rows.saturating_mul(s.cols).saturating_mul(s.depth);
-        matmul(
-            s,
-            lhs,
-            w,
-            dst,
-            accumulate,
-            self.wide && macs >= PARALLEL_MACS,
-        );
+        matmul(s, lhs, w, dst, accumulate, self.wide(s));
     }
 }
 
@@ -257,11 +265,6 @@ fn dense_stack(
 fn dense(weights: Layers, layer: &DenseSpec, x: &[f32], rows: usize, out: &mut [f32]) {
     let w = weights.weights.tensor(layer.weight);
     let bias = layer.bias.map(|b| weights.weights.tensor(b));
-    if let Some(bias) = bias {
-        for row in out.chunks_exact_mut(layer.outputs) {
-            row.copy_from_slice(bias);
-        }
-    }
     let shape = Shape {
         rows,
         cols: layer.outputs,
@@ -269,6 +272,18 @@ fn dense(weights: Layers, layer: &DenseSpec, x: &[f32], rows: usize, out: &mut [
         lhs_stride: layer.inputs,
         dst_stride: layer.outputs,
     };
+    // Bias and ReLU in the kernel's store where it can; the same bits as the passes below.
+    let relu = matches!(layer.activation, Activation::Relu);
+    if matches!(layer.activation, Activation::Relu | Activation::Identity)
+        && weights.gemm_fused(shape, x, w, out, Epilogue { bias, relu })
+    {
+        return;
+    }
+    if let Some(bias) = bias {
+        for row in out.chunks_exact_mut(layer.outputs) {
+            row.copy_from_slice(bias);
+        }
+    }
     weights.gemm(shape, x, w, out, bias.is_some());
     activate(layer.activation, out);
 }

@@ -18,12 +18,60 @@ pub struct Shape {
     pub dst_stride: usize,
 }
 
-/// `dst[r·dst_stride + j] (+)= Σₖ lhs[r·lhs_stride + k] · w[j·depth + k]`. `wide` lets one call
-/// use rayon's pool (a large layer at a batch too small to split across threads).
-pub fn matmul(s: Shape, lhs: &[f32], w: &[f32], dst: &mut [f32], accumulate: bool, wide: bool) {
-    if s.rows == 0 || s.cols == 0 {
-        return;
+/// What the kernel does with each finished sum before storing it: add a bias (`bias[j]` for
+/// output `j`) and clamp at zero (ReLU). Done in the store, it saves three passes over the
+/// output (bias copy, accumulate read, activation); the bits are those of the separate passes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'b> {
+    pub bias: Option<&'b [f32]>,
+    pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    fn is_empty(&self) -> bool {
+        self.bias.is_none() && !self.relu
     }
+}
+
+/// [`matmul`] with the bias and activation applied as each output is stored:
+/// `dst = relu?(lhs · wᵀ + bias)`. `false` (nothing written) where the fused kernel is not
+/// available (no AVX2/FMA, or `wide`): the caller runs the separate passes.
+pub fn matmul_fused(
+    s: Shape,
+    lhs: &[f32],
+    w: &[f32],
+    dst: &mut [f32],
+    epilogue: Epilogue<'_>,
+    wide: bool,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if !wide && avx2::available() {
+        if s.rows == 0 || s.cols == 0 {
+            return true;
+        }
+        check(s, lhs, w, dst);
+        if let Some(bias) = epilogue.bias {
+            assert!(bias.len() >= s.cols, "bias length");
+        }
+        // SAFETY: the CPU has AVX2 and FMA; `check` bounds every index the kernel reads or
+        // writes, and the bias covers every output column.
+        unsafe {
+            avx2::matmul(
+                s,
+                lhs.as_ptr(),
+                w.as_ptr(),
+                dst.as_mut_ptr(),
+                false,
+                epilogue,
+            )
+        };
+        return true;
+    }
+    let _ = (s, lhs, w, dst, epilogue, wide);
+    false
+}
+
+fn check(s: Shape, lhs: &[f32], w: &[f32], dst: &[f32]) {
     assert!(w.len() >= s.cols * s.depth, "weight length");
     assert!(
         lhs.len() >= (s.rows - 1) * s.lhs_stride + s.depth,
@@ -33,11 +81,30 @@ pub fn matmul(s: Shape, lhs: &[f32], w: &[f32], dst: &mut [f32], accumulate: boo
         dst.len() >= (s.rows - 1) * s.dst_stride + s.cols,
         "dst length"
     );
+}
+
+/// `dst[r·dst_stride + j] (+)= Σₖ lhs[r·lhs_stride + k] · w[j·depth + k]`. `wide` lets one call
+/// use rayon's pool (a large layer at a batch too small to split across threads).
+pub fn matmul(s: Shape, lhs: &[f32], w: &[f32], dst: &mut [f32], accumulate: bool, wide: bool) {
+    if s.rows == 0 || s.cols == 0 {
+        return;
+    }
+    check(s, lhs, w, dst);
     #[cfg(target_arch = "x86_64")]
     if !wide && avx2::available() {
-        // SAFETY: the CPU has AVX2 and FMA; the asserts above bound every index the kernel reads
-        // or writes.
-        unsafe { avx2::matmul(s, lhs.as_ptr(), w.as_ptr(), dst.as_mut_ptr(), accumulate) };
+        // SAFETY: the CPU has AVX2 and FMA; `check` bounds every index the kernel reads or
+        // writes.
+        let none = Epilogue::default();
+        unsafe {
+            avx2::matmul(
+                s,
+                lhs.as_ptr(),
+                w.as_ptr(),
+                dst.as_mut_ptr(),
+                accumulate,
+                none,
+            )
+        };
         return;
     }
     let parallelism = if wide {
@@ -75,7 +142,7 @@ pub fn matmul(s: Shape, lhs: &[f32], w: &[f32], dst: &mut [f32], accumulate: boo
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::Shape;
+    use super::{Epilogue, Shape};
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
@@ -86,8 +153,29 @@ mod avx2 {
     /// Bytes of input rows one row block may span: with its outputs and the weights, within L2.
     const ROW_BLOCK_BYTES: usize = 64 << 10;
 
+    /// The finishing touch of a group of outputs, as raw pointers for the kernel.
+    #[derive(Clone, Copy)]
+    struct Finish {
+        /// `bias[j]` for output column `j`, or null.
+        bias: *const f32,
+        relu: bool,
+        any: bool,
+    }
+
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn matmul(s: Shape, lhs: *const f32, w: *const f32, dst: *mut f32, acc: bool) {
+    pub unsafe fn matmul(
+        s: Shape,
+        lhs: *const f32,
+        w: *const f32,
+        dst: *mut f32,
+        acc: bool,
+        epilogue: Epilogue<'_>,
+    ) {
+        let finish = Finish {
+            bias: epilogue.bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
+            relu: epilogue.relu,
+            any: !epilogue.is_empty(),
+        };
         let row_bytes = s.depth.max(1) * 4;
         let tile = (TILE_BYTES / row_bytes).max(8) / 8 * 8;
         let block = (ROW_BLOCK_BYTES / row_bytes).max(3) / 3 * 3;
@@ -106,6 +194,10 @@ mod avx2 {
                     2 => unsafe { columns::<2, 4>(s, r, c0, c1, lhs, w, dst, acc) },
                     1 => unsafe { columns::<1, 8>(s, r, c0, c1, lhs, w, dst, acc) },
                     _ => {}
+                }
+                if finish.any {
+                    // While the tile is in L1: one short pass instead of three over the output.
+                    unsafe { finish_tile(s, r0, r1, c0, c1, dst, finish) };
                 }
                 c0 = c1;
             }
@@ -136,6 +228,49 @@ mod avx2 {
         while c < c1 {
             unsafe { block::<MR, 1>(s, x, w.add(c * s.depth), y.add(c), acc) };
             c += 1;
+        }
+    }
+
+    /// Rows `r0..r1`, outputs `c0..c1` just stored: `relu?(bias + sum)`, the bits of the
+    /// bias copied first and the sums accumulated onto it.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn finish_tile(
+        s: Shape,
+        r0: usize,
+        r1: usize,
+        c0: usize,
+        c1: usize,
+        dst: *mut f32,
+        finish: Finish,
+    ) {
+        let zero = _mm256_setzero_ps();
+        for r in r0..r1 {
+            let y = unsafe { dst.add(r * s.dst_stride) };
+            let mut c = c0;
+            while c + 8 <= c1 {
+                unsafe {
+                    let mut v = _mm256_loadu_ps(y.add(c));
+                    if !finish.bias.is_null() {
+                        v = _mm256_add_ps(_mm256_loadu_ps(finish.bias.add(c)), v);
+                    }
+                    if finish.relu {
+                        // Like f32::max(v, 0): a NaN becomes 0.
+                        v = _mm256_max_ps(v, zero);
+                    }
+                    _mm256_storeu_ps(y.add(c), v);
+                }
+                c += 8;
+            }
+            for c in c..c1 {
+                let out = unsafe { &mut *y.add(c) };
+                if !finish.bias.is_null() {
+                    *out += unsafe { *finish.bias.add(c) };
+                }
+                if finish.relu {
+                    *out = out.max(0.0);
+                }
+            }
         }
     }
 
@@ -272,6 +407,51 @@ mod tests {
                         "{rows}×{cols}×{depth} acc={accumulate} [{i}]: {a} vs {b}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_fused_bias_and_relu_give_the_bits_of_the_separate_passes() {
+        for &(rows, cols, depth) in &[
+            (1, 9, 7),
+            (3, 4, 16),
+            (4, 13, 17),
+            (7, 33, 64),
+            (11, 70, 300),
+        ] {
+            let s = Shape {
+                rows,
+                cols,
+                depth,
+                lhs_stride: depth,
+                dst_stride: cols,
+            };
+            let lhs = values(rows * depth, 6.0);
+            let w = values(cols * depth, 7.0);
+            let bias = values(cols, 8.0);
+            for (with_bias, relu) in [(true, true), (true, false), (false, true)] {
+                let mut fused = vec![f32::NAN; rows * cols];
+                let epilogue = Epilogue {
+                    bias: with_bias.then_some(bias.as_slice()),
+                    relu,
+                };
+                if !matmul_fused(s, &lhs, &w, &mut fused, epilogue, false) {
+                    return; // no fused kernel on this CPU: dense() runs the passes itself
+                }
+                let mut passes: Vec<f32> = if with_bias {
+                    bias.iter().copied().cycle().take(rows * cols).collect()
+                } else {
+                    vec![0.0; rows * cols]
+                };
+                matmul(s, &lhs, &w, &mut passes, with_bias, false);
+                if relu {
+                    passes.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+                assert_eq!(
+                    fused, passes,
+                    "{rows}×{cols}×{depth} bias={with_bias} relu={relu}"
+                );
             }
         }
     }
