@@ -1096,7 +1096,9 @@ pub fn install_wrappers(exports: Object, env: Env) -> napi::Result<()> {
     let pool: Unknown = exports.get_named_property("ConnectionPool")?;
     let lease: Unknown = exports.get_named_property("PooledConnection")?;
     let cancellation: Unknown = exports.get_named_property("Cancellation")?;
-    install.call((pool, lease, cancellation).into())?;
+    // The installer returns the function that shapes small results (values::Packed).
+    let shaper = install.call((pool, lease, cancellation).into())?;
+    values::set_shaper(env.raw(), shaper.raw())?;
     Ok(())
 }
 

@@ -506,10 +506,98 @@ impl TypeName for Packed {
 
 impl ValidateNapiValue for Packed {}
 
+/// Most values passed to the shaper as arguments; a larger result goes as one array.
+const SHAPER_ARGS: usize = 64;
+
+/// This thread's environment and its shaper: wrappers.js's function that turns
+/// `(key, rowCount, rows, ...cells)` into the result object (a small result is handed over
+/// as call arguments, which costs less than an element store per cell).
+struct Shaper {
+    env: sys::napi_env,
+    function: sys::napi_ref,
+}
+
+thread_local! {
+    static SHAPER: std::cell::RefCell<Option<Shaper>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps `function` as this environment's shaper (wrappers.js, at module load).
+pub(crate) fn set_shaper(env: sys::napi_env, function: Raw) -> napi::Result<()> {
+    let mut reference = ptr::null_mut();
+    check(
+        unsafe { sys::napi_create_reference(env, function, 1, &mut reference) },
+        "shaper reference",
+    )?;
+    unsafe extern "C" fn forget(_arg: *mut std::ffi::c_void) {
+        // The environment is going: its references go with it.
+        SHAPER.with(|s| s.borrow_mut().take());
+    }
+    check(
+        unsafe { sys::napi_add_env_cleanup_hook(env, Some(forget), ptr::null_mut()) },
+        "shaper cleanup",
+    )?;
+    SHAPER.with(|s| {
+        *s.borrow_mut() = Some(Shaper {
+            env,
+            function: reference,
+        })
+    });
+    Ok(())
+}
+
+fn shaper(env: sys::napi_env) -> Option<Raw> {
+    SHAPER.with(|s| {
+        let s = s.borrow();
+        let shaper = s.as_ref().filter(|s| s.env == env)?;
+        let mut function = ptr::null_mut();
+        let status = unsafe { sys::napi_get_reference_value(env, shaper.function, &mut function) };
+        (status == sys::Status::napi_ok && !function.is_null()).then_some(function)
+    })
+}
+
 impl ToNapiValue for Packed {
     unsafe fn to_napi_value(env: sys::napi_env, val: Self) -> napi::Result<Raw> {
         let r = &val.result;
         let cells = r.rows.len() * r.columns.len();
+        if 3 + cells <= SHAPER_ARGS {
+            if let Some(function) = shaper(env) {
+                let mut args = [ptr::null_mut(); SHAPER_ARGS];
+                args[0] = string_to_js(env, &r.columns.join("\0"))?;
+                for (i, n) in [(1, r.row_count as f64), (2, r.rows.len() as f64)] {
+                    check(
+                        unsafe { sys::napi_create_double(env, n, &mut args[i]) },
+                        "row count",
+                    )?;
+                }
+                let mut i = 3;
+                for row in &r.rows {
+                    for cell in row {
+                        args[i] = value_to_js(env, cell, val.int8)?;
+                        i += 1;
+                    }
+                }
+                let mut undefined = ptr::null_mut();
+                check(
+                    unsafe { sys::napi_get_undefined(env, &mut undefined) },
+                    "undefined",
+                )?;
+                let mut out = ptr::null_mut();
+                check(
+                    unsafe {
+                        sys::napi_call_function(
+                            env,
+                            undefined,
+                            function,
+                            i,
+                            args.as_ptr(),
+                            &mut out,
+                        )
+                    },
+                    "shape rows",
+                )?;
+                return Ok(out);
+            }
+        }
         let mut array = ptr::null_mut();
         check(
             unsafe { sys::napi_create_array_with_length(env, 3 + cells, &mut array) },

@@ -84,6 +84,11 @@
     return shape
   }
 
+  // Small results arrive shaped already: native code calls `shapeArgs` (returned by this
+  // installer) with the packed values as its arguments.
+  const shapeArgs = (...p) => unpack(p)
+  const shaped = (r) => (Array.isArray(r) ? unpack(r) : r)
+
   function unpack(p) {
     const shape = shapeOf(p[0])
     const width = shape.fields.length
@@ -140,7 +145,7 @@
     }
     let group = kind.open
     if (group === undefined || group.items.length >= GROUP_MAX * 2) {
-      group = kind.open = { pool, eager, together, shape, items: [], settle: [] }
+      group = kind.open = { kind, pool, eager, together, shape, items: [], settle: [] }
       queueMicrotask(() => runGroup(group))
     }
     return new Promise((resolve, reject) => {
@@ -150,7 +155,8 @@
   }
 
   function runGroup(group) {
-    const { pool, eager, together, shape, items, settle } = group
+    const { kind, pool, eager, together, shape, items, settle } = group
+    if (kind.open === group) kind.open = undefined // its parameters are not kept past the run
     let results = null
     if (items.length > 2) {
       try {
@@ -182,10 +188,10 @@
     const proto = cls.prototype
     const { query: packedQuery, querySync: packedQuerySync } = proto
     proto.querySync = function querySync(sql, params) {
-      return unpack(packedQuerySync.call(this, sql, params))
+      return shaped(packedQuerySync.call(this, sql, params))
     }
     const query = function query(sql, params, options, cancellation) {
-      return direct(packedQuery.call(this, sql, params, options, cancellation), unpack)
+      return direct(packedQuery.call(this, sql, params, options, cancellation), shaped)
     }
     // Likewise `execute`: a result when it ran on the calling thread, else a promise.
     const { execute: eagerExecute, command, pipeline } = proto
@@ -199,7 +205,7 @@
         if (options !== undefined) return bounded(this, query, [sql, params], options)
         const state = groupState(this)
         if (state === null) return query.call(this, sql, params)
-        return coalesced(state.query, this, packedQuery, _queryGroup, unpack, sql, params)
+        return coalesced(state.query, this, packedQuery, _queryGroup, shaped, sql, params)
       }
       proto.execute = function execute_(sql, params, options) {
         if (options !== undefined) return bounded(this, execute, [sql, params], options)
@@ -495,4 +501,6 @@
       if (linked) linked.release()
     }
   }
+
+  return shapeArgs
 })

@@ -1,5 +1,6 @@
 //! SQLite connections on rusqlite (bundled). Statements run on tokio's blocking pool.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -24,10 +25,46 @@ pub struct SqliteConnection {
     statement_timeout: Option<Duration>,
     /// The running statement's deadline in microseconds since [`epoch`]; 0 for none.
     deadline: Arc<AtomicU64>,
-    /// Whether the last statement prepared only reads (0 unknown, 1 yes, 2 no).
-    read_only: Arc<AtomicU8>,
+    /// What the connection learnt of its statements.
+    notes: Arc<Notes>,
     /// How long a statement off the calling thread waits for another connection's lock.
     busy_timeout: Duration,
+}
+
+/// What a connection keeps about its statements between runs.
+#[derive(Default)]
+pub(crate) struct Notes {
+    /// Whether the last statement prepared only reads (0 unknown, 1 yes, 2 no).
+    read_only: AtomicU8,
+    /// Each statement's column names, reused while the statement still reports them.
+    columns: parking_lot::Mutex<HashMap<Box<str>, Arc<[String]>>>,
+}
+
+/// Statements whose column names a connection keeps; past it the list starts over.
+const COLUMNS_KEPT: usize = 256;
+
+impl Notes {
+    /// `stmt`'s column names: the ones kept for `sql` when they still match (a schema change
+    /// can change what `select *` returns), else read afresh and kept.
+    fn columns(&self, sql: &str, stmt: &rusqlite::Statement<'_>) -> Arc<[String]> {
+        let mut kept = self.columns.lock();
+        if let Some(names) = kept.get(sql) {
+            let same = names.len() == stmt.column_count()
+                && names
+                    .iter()
+                    .enumerate()
+                    .all(|(i, n)| stmt.column_name(i).is_ok_and(|c| c == n));
+            if same {
+                return Arc::clone(names);
+            }
+        }
+        let names: Arc<[String]> = stmt.column_names().map(|c| c.to_string()).collect();
+        if kept.len() >= COLUMNS_KEPT {
+            kept.clear();
+        }
+        kept.insert(sql.into(), Arc::clone(&names));
+        names
+    }
 }
 
 /// A fixed instant that statement deadlines are counted from.
@@ -128,7 +165,7 @@ pub async fn connect(
         conn: Arc::new(Mutex::new(conn)),
         statement_timeout: (!statement_timeout.is_zero()).then_some(statement_timeout),
         deadline,
-        read_only: Arc::default(),
+        notes: Arc::default(),
         busy_timeout,
     })
 }
@@ -264,28 +301,44 @@ fn stream_rows(
 }
 
 /// Remembers whether the last prepared statement only reads: 1 yes, 2 no.
-fn note_read_only(stmt: &rusqlite::Statement<'_>, read_only: &AtomicU8) {
-    read_only.store(if stmt.readonly() { 1 } else { 2 }, Ordering::Relaxed);
+fn note_read_only(stmt: &rusqlite::Statement<'_>, notes: &Notes) {
+    notes
+        .read_only
+        .store(if stmt.readonly() { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-fn run_query(
-    conn: &Connection,
-    sql: &str,
-    params: &[Value],
-    read_only: &AtomicU8,
-) -> Result<QueryResult> {
+fn run_query(conn: &Connection, sql: &str, params: &[Value], notes: &Notes) -> Result<QueryResult> {
     let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
-    note_read_only(&stmt, read_only);
-    let columns: Arc<[String]> = stmt.column_names().map(|c| c.to_string()).collect();
-    let width = columns.len();
+    note_read_only(&stmt, notes);
     let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
     let mut rows = stmt
         .query(rusqlite::params_from_iter(bound.iter()))
         .map_err(query_error)?;
-    let mut out = Vec::new();
-    while let Some(row) = rows.next().map_err(query_error)? {
-        out.push(row_cells(row, width)?);
-    }
+    // The columns are read after the first step: a cached statement whose schema changed
+    // (`select *` after ALTER TABLE) is prepared again by that step.
+    let mut out = Vec::with_capacity(1);
+    let first = match rows.next().map_err(query_error)? {
+        Some(row) => {
+            let columns = notes.columns(sql, row.as_ref());
+            out.push(row_cells(row, columns.len())?);
+            Some(columns)
+        }
+        None => None,
+    };
+    let columns = match first {
+        Some(columns) => {
+            let width = columns.len();
+            while let Some(row) = rows.next().map_err(query_error)? {
+                out.push(row_cells(row, width)?);
+            }
+            columns
+        }
+        None => {
+            drop(rows);
+            notes.columns(sql, &stmt)
+        }
+    };
+    let width = columns.len();
     let row_count = if width == 0 {
         conn.changes()
     } else {
@@ -302,11 +355,11 @@ fn run_execute(
     conn: &Connection,
     sql: &str,
     params: &[Value],
-    read_only: &AtomicU8,
+    notes: &Notes,
 ) -> Result<ExecuteResult> {
     let rowid_before = conn.last_insert_rowid();
     let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
-    note_read_only(&stmt, read_only);
+    note_read_only(&stmt, notes);
     let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
     let changed = if stmt.column_count() == 0 {
         stmt.execute(rusqlite::params_from_iter(bound.iter()))
@@ -368,7 +421,7 @@ impl Drop for NeverWait<'_> {
 fn read_group(
     conn: &Connection,
     items: &[(&str, &[Value])],
-    read_only: &AtomicU8,
+    notes: &Notes,
 ) -> Option<Vec<Result<QueryResult>>> {
     let give_up = |e: &Error| interrupted(e) || busy(e);
     if conn.execute_batch("BEGIN").is_err() {
@@ -376,7 +429,7 @@ fn read_group(
     }
     let mut outcomes = Vec::with_capacity(items.len());
     for (sql, params) in items {
-        match run_query(conn, sql, params, read_only) {
+        match run_query(conn, sql, params, notes) {
             Err(e) if give_up(&e) => return None,
             other => outcomes.push(other),
         }
@@ -393,7 +446,7 @@ fn group_locked(
     limit: Option<Duration>,
     give_up_when_busy: bool,
     deadline: &AtomicU64,
-    read_only: &AtomicU8,
+    notes: &Notes,
 ) -> Option<Vec<Result<ExecuteResult>>> {
     if !conn.is_autocommit() {
         return None;
@@ -404,7 +457,7 @@ fn group_locked(
             Ordering::Relaxed,
         );
     }
-    let outcome = run_group(conn, items, give_up_when_busy, read_only);
+    let outcome = run_group(conn, items, give_up_when_busy, notes);
     deadline.store(0, Ordering::Relaxed);
     if !conn.is_autocommit() {
         let _ = conn.execute_batch("ROLLBACK");
@@ -418,7 +471,7 @@ fn run_group(
     conn: &Connection,
     items: &[(&str, &[Value])],
     give_up_when_busy: bool,
-    read_only: &AtomicU8,
+    notes: &Notes,
 ) -> Option<Vec<Result<ExecuteResult>>> {
     let give_up = |e: &Error| interrupted(e) || (give_up_when_busy && busy(e));
     let mut outcomes: Vec<Option<Result<ExecuteResult>>> = vec![None; items.len()];
@@ -433,7 +486,7 @@ fn run_group(
             if matches!(outcomes[i], Some(Err(_))) {
                 continue; // failed in an earlier attempt: reported, never run again
             }
-            match run_execute(conn, sql, params, read_only) {
+            match run_execute(conn, sql, params, notes) {
                 Ok(done) => outcomes[i] = Some(Ok(done)),
                 Err(e) if give_up(&e) => return None,
                 Err(e) => {
@@ -544,9 +597,9 @@ impl SqliteConnection {
                 .store(micros_since_epoch(Instant::now() + b), Ordering::Relaxed);
         }
         let outcome = if query {
-            run_query(&conn, sql, params, &self.read_only).map(Outcome::Rows)
+            run_query(&conn, sql, params, &self.notes).map(Outcome::Rows)
         } else {
-            run_execute(&conn, sql, params, &self.read_only).map(Outcome::Done)
+            run_execute(&conn, sql, params, &self.notes).map(Outcome::Done)
         };
         if bound.is_some() {
             self.deadline.store(0, Ordering::Relaxed);
@@ -581,14 +634,7 @@ impl SqliteConnection {
     ) -> Option<Vec<Result<ExecuteResult>>> {
         let conn = self.conn.lock();
         let _never_wait = NeverWait::new(&conn, self.busy_timeout);
-        group_locked(
-            &conn,
-            items,
-            Some(limit),
-            true,
-            &self.deadline,
-            &self.read_only,
-        )
+        group_locked(&conn, items, Some(limit), true, &self.deadline, &self.notes)
     }
 
     /// Runs reads issued together on the calling thread in one read transaction, within
@@ -609,7 +655,7 @@ impl SqliteConnection {
             micros_since_epoch(Instant::now() + limit),
             Ordering::Relaxed,
         );
-        let outcome = read_group(&conn, items, &self.read_only);
+        let outcome = read_group(&conn, items, &self.notes);
         self.deadline.store(0, Ordering::Relaxed);
         if !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
@@ -623,10 +669,10 @@ impl SqliteConnection {
         &self,
         items: Vec<(String, Vec<Value>)>,
     ) -> Option<Vec<Result<ExecuteResult>>> {
-        let (conn, deadline, read_only) = (
+        let (conn, deadline, notes) = (
             Arc::clone(&self.conn),
             Arc::clone(&self.deadline),
-            Arc::clone(&self.read_only),
+            Arc::clone(&self.notes),
         );
         let limit = self.statement_timeout;
         tokio::task::spawn_blocking(move || {
@@ -635,7 +681,7 @@ impl SqliteConnection {
                 .iter()
                 .map(|(sql, params)| (sql.as_str(), params.as_slice()))
                 .collect();
-            group_locked(&conn, &items, limit, false, &deadline, &read_only)
+            group_locked(&conn, &items, limit, false, &deadline, &notes)
         })
         .await
         .ok()
@@ -644,7 +690,7 @@ impl SqliteConnection {
 
     /// Whether the last statement run only reads (for routing it to the readers next time).
     pub fn last_read_only(&self) -> Option<bool> {
-        match self.read_only.load(Ordering::Relaxed) {
+        match self.notes.read_only.load(Ordering::Relaxed) {
             1 => Some(true),
             2 => Some(false),
             _ => None,
@@ -658,15 +704,15 @@ impl SqliteConnection {
 
     pub async fn query(&self, sql: &str, params: &[Value]) -> Result<QueryResult> {
         let (sql, params) = (sql.to_string(), params.to_vec());
-        let read_only = Arc::clone(&self.read_only);
-        self.blocking(move |c| run_query(c, &sql, &params, &read_only))
+        let notes = Arc::clone(&self.notes);
+        self.blocking(move |c| run_query(c, &sql, &params, &notes))
             .await
     }
 
     pub async fn execute(&self, sql: &str, params: &[Value]) -> Result<ExecuteResult> {
         let (sql, params) = (sql.to_string(), params.to_vec());
-        let read_only = Arc::clone(&self.read_only);
-        self.blocking(move |c| run_execute(c, &sql, &params, &read_only))
+        let notes = Arc::clone(&self.notes);
+        self.blocking(move |c| run_execute(c, &sql, &params, &notes))
             .await
     }
 
