@@ -170,6 +170,32 @@ describe('SQLite on the calling thread', () => {
     expect(pool.metrics().inlineStatements - before).toBeGreaterThanOrEqual(40) // none left the thread
   })
 
+  it('begins and commits a transaction on the calling thread when the writer is idle', async () => {
+    const pool = open({ url: `sqlite:${path.join(dir, 'tx.db')}`, maxSize: 4 })
+    await pool.execute('create table pos(sym text primary key, qty integer)')
+    await pool.execute("insert into pos values ('BTC', 0)")
+    await pool.transaction(async (tx) => {
+      await tx.execute('update pos set qty = qty + 1')
+    })
+    const before = inline(pool)
+    for (let i = 0; i < 5; i++) {
+      await pool.transaction(async (tx) => {
+        await tx.execute('update pos set qty = qty + 1')
+      })
+    }
+    expect(inline(pool) - before).toBeGreaterThanOrEqual(10) // BEGIN IMMEDIATE and COMMIT, each time
+    expect((await pool.query('select qty from pos')).rows[0].qty).toBe(6)
+    // A throw still rolls back; a transaction with a bound takes the queued path and commits.
+    await expect(
+      pool.transaction(async (tx) => {
+        await tx.execute('update pos set qty = 100')
+        throw new Error('boom')
+      }),
+    ).rejects.toThrow('boom')
+    await pool.transaction(async (tx) => tx.execute('update pos set qty = qty + 1'), { timeoutMs: 5000 })
+    expect((await pool.query('select qty from pos')).rows[0].qty).toBe(7)
+  })
+
   it('never runs inline with inlineMicros: 0, and rejects a bad inlineMicros', async () => {
     const pool = open({ url: 'sqlite::memory:', maxSize: 2, inlineMicros: 0 })
     for (let i = 0; i < 20; i++) await pool.query('select 1 as one')

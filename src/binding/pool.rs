@@ -895,6 +895,16 @@ impl ConnectionPool {
     ) -> napi::Result<PromiseRaw<'e, PooledConnection>> {
         let int8 = self.int8;
         let stack = capture_stack(env, !self.pool.config().leak_detection.is_zero());
+        // The writer idle and used moments ago, no write ahead of it: without leaving the
+        // main thread, as `acquire` does.
+        let unbounded = options.is_none() && cancel.is_none();
+        if unbounded && self.check_open().is_ok() {
+            match self.pool.try_acquire_for_write_validated(stack.clone()) {
+                Ok(Some(lease)) => return settled(env, Ok(PooledConnection::new(lease, int8))),
+                Ok(None) => {}
+                Err(e) => return settled(env, Err(e)),
+            }
+        }
         self.spawn_bounded(
             env,
             options,
@@ -1154,6 +1164,18 @@ impl PooledConnection {
         cancel: Option<&Cancellation>,
     ) -> napi::Result<Either<PromiseRaw<'e, ExecuteResult>, ExecuteResult>> {
         send_execute(self, env, sql, params, options, cancel)
+    }
+
+    /// Internal (transaction): BEGIN IMMEDIATE or COMMIT on the calling thread when it can
+    /// run there at once (SQLite, nothing else issued on this lease, no lock held elsewhere);
+    /// `false` when it did not run, so it is sent as usual.
+    #[napi(js_name = "_transactionControlNow", skip_typescript)]
+    pub fn transaction_control_now(&self, env: Env, sql: String) -> napi::Result<bool> {
+        if !matches!(sql.as_str(), "BEGIN IMMEDIATE" | "COMMIT") {
+            return Ok(false);
+        }
+        on_this_thread(|| self.lease.try_transaction_control_now(&sql))
+            .map_err(|e| js_error(&env, e))
     }
 
     /// SQLite: runs one statement on this connection on the calling thread (statements

@@ -446,7 +446,7 @@
     const cancellation = linked && linked.cancellation
     let tx
     try {
-      tx = await this._acquireForWrite(bound(), cancellation).catch((err) => {
+      tx = await this._acquireForWrite(timeoutMs === undefined ? undefined : bound(), cancellation).catch((err) => {
         if (err && err.code === 'ABORT_ERR') err.cause = signal.reason
         throw err
       })
@@ -456,6 +456,17 @@
     }
     if (timeoutMs !== undefined || cancellation) tx._bound(bound(), cancellation)
     const run = (sql) => (redis ? tx.command(sql) : tx.query(sql))
+    // SQLite's BEGIN IMMEDIATE and COMMIT run on the calling thread when they can at once.
+    const control = (sql) => {
+      if (backend === 'sqlite') {
+        try {
+          if (tx._transactionControlNow(sql)) return Promise.resolve()
+        } catch (err) {
+          return Promise.reject(err)
+        }
+      }
+      return run(sql)
+    }
     // Rejects when the bound fires, even while `fn` is between statements.
     let stop
     const stopped = new Promise((_, reject) => {
@@ -477,7 +488,7 @@
     })
     stopped.catch(() => {})
     try {
-      await Promise.race([run(redis ? 'MULTI' : backend === 'sqlite' ? 'BEGIN IMMEDIATE' : 'BEGIN'), stopped])
+      await Promise.race([control(redis ? 'MULTI' : backend === 'sqlite' ? 'BEGIN IMMEDIATE' : 'BEGIN'), stopped])
       let result
       try {
         result = await Promise.race([fn(tx), stopped])
@@ -493,7 +504,7 @@
       // server session is ours only until COMMIT.
       if (backend === 'postgres') await tx._resetSession()
       // Not raced: a COMMIT reports what the server did (the lease's bound still applies).
-      const committed = await run(redis ? 'EXEC' : 'COMMIT')
+      const committed = await control(redis ? 'EXEC' : 'COMMIT')
       return redis && result === undefined ? committed : result
     } finally {
       stop()

@@ -302,6 +302,32 @@ impl OrderedLease {
             .unwrap_or_else(|| Err(Error::internal("statement was not run")))
     }
 
+    /// SQLite: runs a transaction's BEGIN IMMEDIATE or COMMIT on the calling thread when
+    /// nothing else is issued on this lease, never waiting for another connection's lock and
+    /// cut off at [`INLINE_LIMIT`]. `Ok(false)`: not run (send it instead). Such a statement
+    /// does no work an interrupt could cut in two: it either took effect or it did not.
+    pub fn try_transaction_control_now(&self, sql: &str) -> Result<bool> {
+        let state = self.state.lock();
+        if state.released || state.running || !state.queue.is_empty() || state.bounds.is_set() {
+            return Ok(false);
+        }
+        let Ok(lease) = self.lease.try_lock() else {
+            return Ok(false);
+        };
+        drop(state);
+        let conn = lease.connection()?;
+        if conn.backend_name() != "sqlite" {
+            return Ok(false);
+        }
+        match conn.run_now(&Operation::Execute(sql, &[]), Some(INLINE_LIMIT)) {
+            Some(outcome) => {
+                lease.shared.recorder.inline_statements.inc();
+                outcome.map(|_| true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Bounds every statement run on this lease from now on (a transaction's deadline).
     pub fn bound(&self, bounds: Bounds) {
         self.state.lock().bounds = bounds;

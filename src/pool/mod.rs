@@ -364,6 +364,26 @@ impl Pool {
         self.take_idle(stack, true)
     }
 
+    /// [`try_acquire_validated`](Self::try_acquire_validated) of the connection writes go
+    /// through (a transaction's), when no write is queued or waiting for it ahead.
+    pub fn try_acquire_for_write_validated(&self, stack: Option<String>) -> Result<Option<Lease>> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let s = &self.shared;
+        let kind = s.write_lane();
+        let lane = s.lane(kind);
+        if lane.queue.lock().len() > 0 || lane.inventory.occupancy().waiters > 0 {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let Some(conn) = self.idle_connection(kind, true) else {
+            return Ok(None);
+        };
+        s.recorder.gets.inc();
+        Ok(Some(self.lease(kind, conn, started, stack)))
+    }
+
     fn take_idle(&self, stack: Option<String>, recently_used: bool) -> Result<Option<Lease>> {
         if self.is_closed() {
             return Err(self.closed_error());
