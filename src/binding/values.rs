@@ -486,10 +486,12 @@ impl ToNapiValue for Rows {
     }
 }
 
-/// One statement's result packed for wrappers.js to shape: `[columns joined by NUL, rowCount,
-/// rows, cell, cell, …]`, the cells row-major (`rows` apart: zero-column rows exist). One array and one string cross the boundary and no
-/// property key is made: the row objects come from a function wrappers.js compiles once per
-/// column list (napi's per-row property definition was a third of a small read's cost).
+/// One statement's result for wrappers.js to shape into `{ rows, rowCount, fields }`:
+/// `[columns joined by NUL, rowCount, rows, cell, cell, …]`, the cells row-major (`rows`
+/// apart: zero-column rows exist). A small result goes as the arguments of one call to the
+/// shaper, a large one as one array; either way no property key is made here: the row
+/// objects come from a function wrappers.js compiles once per column list (napi's per-row
+/// property definition was a third of a small read's cost).
 pub struct Packed {
     pub result: QueryResult,
     pub int8: Int8Mode,

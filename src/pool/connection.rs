@@ -17,6 +17,7 @@ use crate::pool::profile::Profiles;
 use crate::pool::redis::RedisConnection;
 use crate::pool::sqlite::SqliteConnection;
 use crate::pool::value::{ExecuteResult, QueryResult, Value};
+use crate::pool::Together;
 
 /// One unit of work on a connection.
 #[derive(Debug)]
@@ -310,28 +311,33 @@ impl Connection {
         Some(outcome)
     }
 
-    /// SQLite: independent writes as one transaction on the calling thread (see
-    /// [`SqliteConnection::run_group_now`](crate::pool::sqlite::SqliteConnection::run_group_now)).
-    /// `None`: not SQLite, or cut off at `limit` (nothing took effect).
-    pub(crate) fn run_group_now(
+    /// SQLite: statements issued together, on the calling thread: writes as one transaction
+    /// (see [`SqliteConnection::run_group_now`](crate::pool::sqlite::SqliteConnection::run_group_now)),
+    /// reads in one read transaction
+    /// ([`run_reads_now`](crate::pool::sqlite::SqliteConnection::run_reads_now)). `None`: not
+    /// SQLite, or cut off at `limit` (nothing took effect).
+    pub(crate) fn run_together_now(
         &self,
         items: &[(&str, &[Value])],
         limit: Duration,
+        together: Together,
     ) -> Option<Vec<Result<Outcome>>> {
         let Backend::Sqlite(s) = &self.backend else {
             return None;
         };
         let started = Instant::now();
-        let outcomes = s.run_group_now(items, limit)?;
-        Some(self.after_group(
-            items.iter().map(|(sql, _)| *sql),
-            started,
-            outcomes,
-            Outcome::Done,
-        ))
+        let sqls = items.iter().map(|(sql, _)| *sql);
+        Some(match together {
+            Together::Writes => {
+                self.after_group(sqls, started, s.run_group_now(items, limit)?, Outcome::Done)
+            }
+            Together::Reads => {
+                self.after_group(sqls, started, s.run_reads_now(items, limit)?, Outcome::Rows)
+            }
+        })
     }
 
-    /// [`run_group_now`](Self::run_group_now) off the calling thread (a dispatcher's batch of
+    /// A group of writes off the calling thread (a dispatcher's batch of
     /// queued writes), within statementTimeoutMs when set.
     pub(crate) async fn run_group(&self, statements: &[Statement]) -> Option<Vec<Result<Outcome>>> {
         let Backend::Sqlite(s) = &self.backend else {
@@ -370,22 +376,6 @@ impl Connection {
             self.record(sql, share, share, None, result);
         }
         outcomes.into_iter().map(|o| o.map(outcome)).collect()
-    }
-
-    /// SQLite: reads issued together, in one read transaction on the calling thread (see
-    /// [`SqliteConnection::run_reads_now`](crate::pool::sqlite::SqliteConnection::run_reads_now)).
-    pub(crate) fn run_reads_now(
-        &self,
-        items: &[(&str, &[Value])],
-        limit: Duration,
-    ) -> Option<Vec<Result<Outcome>>> {
-        let Backend::Sqlite(s) = &self.backend else {
-            return None;
-        };
-        let started = Instant::now();
-        let outcomes = s.run_reads_now(items, limit)?;
-        let sqls = items.iter().map(|(sql, _)| *sql);
-        Some(self.after_group(sqls, started, outcomes, Outcome::Rows))
     }
 
     /// SQLite: the rows of `sql` in batches, read only as they are taken.

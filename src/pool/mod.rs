@@ -172,8 +172,18 @@ pub struct Pool {
     shared: Arc<PoolShared>,
 }
 
-/// Most writes one calling-thread group commit carries ([`Pool::try_inline_group`]).
+/// Most statements one calling-thread group carries ([`Pool::try_inline_group`],
+/// [`Pool::try_inline_reads`]).
 pub const MAX_GROUP: usize = 64;
+
+/// What a calling-thread group holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Together {
+    /// Writes committed together.
+    Writes,
+    /// Reads in one read transaction.
+    Reads,
+}
 
 impl Pool {
     /// Builds the pool, warms `minIdle` connections in the background and starts maintenance.
@@ -548,60 +558,27 @@ impl Pool {
     /// SQLite: runs writes issued together (`execute` calls in one turn of the event loop) as
     /// one transaction on the calling thread, when each is a plain cheap INSERT, UPDATE,
     /// DELETE or REPLACE, the writer connection is idle and nothing is queued for it: one
-    /// commit instead of one each. Cut off at [`profile::INLINE_LIMIT`] like one statement
-    /// run inline (and then each is marked too slow for this thread). At most [`MAX_GROUP`]
-    /// statements. `None`: nothing ran; send them one by one.
+    /// commit instead of one each. `None`: nothing ran; send them one by one.
     pub fn try_inline_group(&self, statements: &[Statement]) -> Option<Vec<Result<Outcome>>> {
-        let s = &self.shared;
-        let n = statements.len();
-        if self.is_closed()
-            || s.config.target.backend() != "sqlite"
-            || !(2..=MAX_GROUP).contains(&n)
-        {
-            return None;
-        }
-        let mut items = Vec::with_capacity(statements.len());
-        for statement in statements {
-            let Statement::Execute(sql, params) = statement else {
-                return None;
-            };
-            if !statement.can_group() {
-                return None;
-            }
-            let profile = s.profiles.get(sql)?;
-            if !profile.is_cheap(s.config.inline_max) {
-                return None;
-            }
-            items.push((sql.as_str(), params.as_slice()));
-        }
-        let kind = s.write_lane();
-        if s.lane(kind).queue.lock().len() > 0 {
-            return None;
-        }
-        let conn = self.idle_connection(kind, true)?;
-        let tried = Instant::now();
-        let outcomes = conn.run_group_now(&items, profile::INLINE_LIMIT);
-        self.give_back(kind, conn);
-        let Some(outcomes) = outcomes else {
-            // Too slow for this thread together: none of them is tried here again.
-            let tried = tried.elapsed();
-            for (sql, _) in &items {
-                s.profiles.given_up(sql, tried);
-            }
-            return None;
-        };
-        let n = n as u64;
-        s.recorder.gets.add(n);
-        s.recorder.successful_gets.add(n);
-        s.recorder.inline_statements.add(n);
-        Some(outcomes)
+        self.try_inline_together(statements, Together::Writes)
     }
 
     /// SQLite: runs reads issued together (`query` calls in one turn of the event loop) in
     /// one read transaction on the calling thread, when each is known to be cheap and
-    /// read-only, a reader is idle and nothing is queued for it. At most [`MAX_GROUP`].
-    /// `None`: nothing ran; send them one by one.
+    /// read-only, a reader is idle and nothing is queued for it: one snapshot and one lock
+    /// round instead of one each. `None`: nothing ran; send them one by one.
     pub fn try_inline_reads(&self, statements: &[Statement]) -> Option<Vec<Result<Outcome>>> {
+        self.try_inline_together(statements, Together::Reads)
+    }
+
+    /// [`try_inline_group`](Self::try_inline_group) / [`try_inline_reads`](Self::try_inline_reads):
+    /// 2 to [`MAX_GROUP`] statements, cut off at [`profile::INLINE_LIMIT`] like one statement
+    /// run inline (and then each is marked too slow for this thread).
+    fn try_inline_together(
+        &self,
+        statements: &[Statement],
+        together: Together,
+    ) -> Option<Vec<Result<Outcome>>> {
         let s = &self.shared;
         let n = statements.len();
         if self.is_closed()
@@ -612,24 +589,35 @@ impl Pool {
         }
         let mut items = Vec::with_capacity(n);
         for statement in statements {
-            let Statement::Query(sql, params) = statement else {
-                return None;
+            let (sql, params, fits) = match (together, statement) {
+                (Together::Writes, Statement::Execute(sql, params)) => {
+                    (sql, params, statement.can_group())
+                }
+                (Together::Reads, Statement::Query(sql, params)) => {
+                    (sql, params, statement.can_pipeline())
+                }
+                _ => return None,
             };
             let profile = s.profiles.get(sql)?;
-            let cheap_read =
-                profile.read_only == Some(true) && profile.is_cheap(s.config.inline_max);
-            if !cheap_read || !statement.can_pipeline() {
+            let read_only = together == Together::Reads;
+            if !fits
+                || !profile.is_cheap(s.config.inline_max)
+                || (read_only && profile.read_only != Some(true))
+            {
                 return None;
             }
             items.push((sql.as_str(), params.as_slice()));
         }
-        let kind = LaneKind::Main;
+        let kind = match together {
+            Together::Writes => s.write_lane(),
+            Together::Reads => LaneKind::Main,
+        };
         if s.lane(kind).queue.lock().len() > 0 {
             return None;
         }
         let conn = self.idle_connection(kind, true)?;
         let tried = Instant::now();
-        let outcomes = conn.run_reads_now(&items, profile::INLINE_LIMIT);
+        let outcomes = conn.run_together_now(&items, profile::INLINE_LIMIT, together);
         self.give_back(kind, conn);
         let Some(outcomes) = outcomes else {
             let tried = tried.elapsed();

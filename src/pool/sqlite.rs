@@ -448,6 +448,19 @@ fn group_locked(
     deadline: &AtomicU64,
     notes: &Notes,
 ) -> Option<Vec<Result<ExecuteResult>>> {
+    in_transaction_within(conn, limit, deadline, || {
+        run_group(conn, items, give_up_when_busy, notes)
+    })
+}
+
+/// Runs `group` (which opens its own transaction) from autocommit only, within `limit`, and
+/// rolls back whatever transaction it leaves open (cut off, or failed before its COMMIT).
+fn in_transaction_within<T>(
+    conn: &Connection,
+    limit: Option<Duration>,
+    deadline: &AtomicU64,
+    group: impl FnOnce() -> Option<T>,
+) -> Option<T> {
     if !conn.is_autocommit() {
         return None;
     }
@@ -457,7 +470,7 @@ fn group_locked(
             Ordering::Relaxed,
         );
     }
-    let outcome = run_group(conn, items, give_up_when_busy, notes);
+    let outcome = group();
     deadline.store(0, Ordering::Relaxed);
     if !conn.is_autocommit() {
         let _ = conn.execute_batch("ROLLBACK");
@@ -647,20 +660,10 @@ impl SqliteConnection {
         limit: Duration,
     ) -> Option<Vec<Result<QueryResult>>> {
         let conn = self.conn.lock();
-        if !conn.is_autocommit() {
-            return None;
-        }
         let _never_wait = NeverWait::new(&conn, self.busy_timeout);
-        self.deadline.store(
-            micros_since_epoch(Instant::now() + limit),
-            Ordering::Relaxed,
-        );
-        let outcome = read_group(&conn, items, &self.notes);
-        self.deadline.store(0, Ordering::Relaxed);
-        if !conn.is_autocommit() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        outcome
+        in_transaction_within(&conn, Some(limit), &self.deadline, || {
+            read_group(&conn, items, &self.notes)
+        })
     }
 
     /// [`run_group_now`](Self::run_group_now) on a blocking thread, within
