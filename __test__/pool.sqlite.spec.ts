@@ -1,3 +1,4 @@
+import { spawnSync } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
@@ -55,6 +56,25 @@ describe('ConnectionPool on SQLite', () => {
     expect(pool.querySync(star).rows).toEqual([{ id: 1, sym: 'S1', px: 1.5 }])
     expect((await pool.query(star)).fields).toEqual(['id', 'sym', 'px'])
     await pool.close()
+  })
+
+  it('survives the addon loaded twice into one process', () => {
+    // Each load is its own napi environment in the same Node environment: a per-load cleanup
+    // hook registered twice with the same arguments would abort Node.
+    const addon = require.resolve('../index.js').replace(/index\.js$/, '')
+    const script = `
+      const fs = require('fs'), path = require('path')
+      const file = fs.readdirSync(${JSON.stringify(addon)}).find((f) => /^quartermaster\\..*\\.node$/.test(f))
+      const load = () => { const m = { exports: {} }; process.dlopen(m, path.join(${JSON.stringify(addon)}, file)); return m.exports }
+      const first = load(), second = load()
+      for (const { ConnectionPool } of [first, second]) {
+        const pool = new ConnectionPool({ url: 'sqlite::memory:' })
+        process.stdout.write(JSON.stringify(pool.querySync('select 1 as x, 2 as y').rows))
+      }`
+    const run = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 30_000 })
+    expect(run.stderr).toBe('')
+    expect(run.status).toBe(0)
+    expect(run.stdout).toBe('[{"x":1,"y":2}][{"x":1,"y":2}]')
   })
 
   it('keeps data in a file across pools', async () => {

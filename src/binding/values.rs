@@ -530,21 +530,35 @@ pub(crate) fn set_shaper(env: sys::napi_env, function: Raw) -> napi::Result<()> 
         unsafe { sys::napi_create_reference(env, function, 1, &mut reference) },
         "shaper reference",
     )?;
-    unsafe extern "C" fn forget(_arg: *mut std::ffi::c_void) {
-        // The environment is going: its references go with it.
-        SHAPER.with(|s| s.borrow_mut().take());
+    unsafe extern "C" fn forget(arg: *mut std::ffi::c_void) {
+        // The environment is going: its reference goes with it.
+        SHAPER.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.as_ref()
+                .is_some_and(|shaper| shaper.env as *mut std::ffi::c_void == arg)
+            {
+                s.take();
+            }
+        });
     }
-    check(
-        unsafe { sys::napi_add_env_cleanup_hook(env, Some(forget), ptr::null_mut()) },
-        "shaper cleanup",
-    )?;
-    SHAPER.with(|s| {
-        *s.borrow_mut() = Some(Shaper {
+    // The hook's argument is this environment, so it is unique: the addon loaded twice into
+    // one Node environment (two napi environments) must not register the same pair twice,
+    // which aborts Node. The later load's shaper wins; the other instance's results then go
+    // as arrays, shaped the same way.
+    let previous = SHAPER.with(|s| {
+        s.borrow_mut().replace(Shaper {
             env,
             function: reference,
         })
     });
-    Ok(())
+    if let Some(old) = previous.filter(|old| old.env == env) {
+        unsafe { sys::napi_delete_reference(env, old.function) };
+        return Ok(());
+    }
+    check(
+        unsafe { sys::napi_add_env_cleanup_hook(env, Some(forget), env.cast()) },
+        "shaper cleanup",
+    )
 }
 
 fn shaper(env: sys::napi_env) -> Option<Raw> {
