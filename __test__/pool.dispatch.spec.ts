@@ -196,6 +196,50 @@ describe('SQLite on the calling thread', () => {
     expect((await pool.query('select qty from pos')).rows[0].qty).toBe(7)
   })
 
+  it('takes each grouped statement as it was when called: a reused params array, a Buffer changed later', async () => {
+    const pool = open({ url: `sqlite:${path.join(dir, 'params.db')}`, maxSize: 4, inlineMicros: 2000 })
+    await pool.execute('create table t(v integer, b blob)')
+    for (let i = 0; i < 3; i++) await pool.execute('insert into t(v, b) values ($1, $2)', [-1, null]) // learnt
+    const params: unknown[] = [0, null]
+    const buf = Buffer.from([1])
+    const done: Promise<unknown>[] = []
+    for (let i = 0; i < 20; i++) {
+      params[0] = i
+      params[1] = i === 7 ? buf : null
+      done.push(pool.execute('insert into t(v, b) values ($1, $2)', params))
+    }
+    buf[0] = 99 // after the call: the row keeps what was passed
+    await Promise.all(done)
+    const { rows } = await pool.query('select v, b from t where v >= 0 order by v')
+    expect(rows.map((r: any) => r.v)).toEqual(Array.from({ length: 20 }, (_, i) => i))
+    expect(rows[7].b).toEqual(Buffer.from([1]))
+  })
+
+  it('runs the statements issued before close() in the same turn', async () => {
+    const file = path.join(dir, 'close.db')
+    const pool = open({ url: `sqlite:${file}`, maxSize: 4, inlineMicros: 2000 })
+    await pool.execute('create table t(v integer)')
+    for (let i = 0; i < 3; i++) await pool.execute('insert into t(v) values ($1)', [-1]) // learnt
+    const results = Array.from({ length: 30 }, (_, i) => pool.execute('insert into t(v) values ($1)', [i]))
+    await pool.close()
+    expect((await Promise.allSettled(results)).filter((r) => r.status === 'rejected')).toEqual([])
+    const check = open({ url: `sqlite:${file}`, maxSize: 1 })
+    expect((await check.query('select count(*) as n from t where v >= 0')).rows[0].n).toBe(30)
+  })
+
+  it('fails only the write that breaks a deferred constraint at COMMIT', async () => {
+    const pool = open({ url: `sqlite:${path.join(dir, 'deferred.db')}`, maxSize: 4, inlineMicros: 2000 })
+    await pool.execute('create table parent(id integer primary key)')
+    await pool.execute('create table child(id integer primary key, parent integer references parent(id) deferrable initially deferred)')
+    await pool.execute('insert into parent(id) values (1)')
+    const insert = 'insert into child(parent) values ($1)'
+    for (let i = 0; i < 3; i++) await pool.execute(insert, [1]) // learnt
+    const results = await Promise.allSettled(Array.from({ length: 12 }, (_, i) => pool.execute(insert, [i === 6 ? 999 : 1])))
+    expect(results.flatMap((r, i) => (r.status === 'rejected' ? [i] : []))).toEqual([6])
+    expect(String((results[6] as PromiseRejectedResult).reason.message)).toMatch(/FOREIGN KEY/)
+    expect((await pool.query('select count(*) as n from child')).rows[0].n).toBe(3 + 11)
+  })
+
   it('never runs inline with inlineMicros: 0, and rejects a bad inlineMicros', async () => {
     const pool = open({ url: 'sqlite::memory:', maxSize: 2, inlineMicros: 0 })
     for (let i = 0; i < 20; i++) await pool.query('select 1 as one')

@@ -48,6 +48,10 @@ describe('ConnectionPool on SQLite', () => {
     expect(Object.getOwnPropertyNames(odd.rows[0]).sort()).toEqual(['0', '__proto__', 'a b', 'x'])
     expect(Object.entries(odd.rows[0])).toEqual(expect.arrayContaining([['__proto__', 1], ['a b', 2], ['x', 4], ['0', 5]]))
     expect(odd.fields).toEqual(['__proto__', 'a b', 'x', 'x', '0'])
+    // One column named "" is not no column.
+    const blank = pool.querySync('select 7 as ""')
+    expect(blank.fields).toEqual([''])
+    expect(blank.rows).toEqual([{ '': 7 }])
     // The same text after a schema change returns the new columns.
     const star = 'select * from t where id = 1'
     expect(pool.querySync(star).rows).toEqual([{ id: 1, sym: 'S1' }])

@@ -397,15 +397,20 @@ fn run_group<'e>(
     env: &'e Env,
     items: Unknown<'e>,
     statement: fn(String, Vec<Value>) -> Statement,
-    run: impl FnOnce(&Pool, &[Statement]) -> Option<Vec<CoreResult<Outcome>>>,
+    run: impl FnOnce(&Pool, &[Statement]) -> Option<Vec<Option<CoreResult<Outcome>>>>,
 ) -> napi::Result<Unknown<'e>> {
     let raw_env = env.raw();
     let outcomes = match group_from_js(env, items.raw(), statement) {
         Ok(statements) if pool.check_open().is_ok() => {
+            let n = statements.len();
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run(&pool.pool, &statements)
             }))
-            .unwrap_or(None)
+            .unwrap_or_else(|_| {
+                // It may have run part way: never let JavaScript run them again.
+                let may_have_run = Error::internal(crate::pool::sqlite::MAY_HAVE_RUN);
+                Some((0..n).map(|_| Some(Err(may_have_run.clone()))).collect())
+            })
         }
         _ => None,
     };
@@ -416,19 +421,43 @@ fn run_group<'e>(
     };
     unsafe { sys::napi_create_array_with_length(raw_env, outcomes.len(), &mut out) };
     for (i, outcome) in outcomes.into_iter().enumerate() {
-        let value = match outcome {
-            Ok(Outcome::Done(d)) => unsafe { ExecuteResult::to_napi_value(raw_env, done(d))? },
-            Ok(Outcome::Rows(rows)) => unsafe {
-                Packed::to_napi_value(raw_env, packed(rows, pool.int8))?
-            },
-            Ok(_) => return unreachable_value(),
-            Err(e) => super::errors::error_object(env, &e)
-                .map_err(|_| napi::Error::from_reason("could not create an error"))?
-                .raw(),
+        let value = match outcome.map(|o| group_value(env, pool.int8, o)) {
+            Some(value) => value,
+            None => {
+                // Not taken into the group: JavaScript runs it on its own.
+                let mut null = std::ptr::null_mut();
+                unsafe { sys::napi_get_null(raw_env, &mut null) };
+                null
+            }
         };
         unsafe { sys::napi_set_element(raw_env, out, i as u32, value) };
     }
     Ok(unsafe { Unknown::from_raw_unchecked(raw_env, out) })
+}
+
+/// One group statement's outcome as JavaScript: its result, or an error object. A result
+/// that cannot be converted becomes an INTERNAL error for that statement alone (it ran:
+/// it must not run again).
+fn group_value(env: &Env, int8: Int8Mode, outcome: CoreResult<Outcome>) -> sys::napi_value {
+    let raw_env = env.raw();
+    let converted = match outcome {
+        Ok(Outcome::Done(d)) => unsafe { ExecuteResult::to_napi_value(raw_env, done(d)) }
+            .map_err(|e| Error::internal(format!("its result could not be converted: {e}"))),
+        Ok(Outcome::Rows(rows)) => unsafe { Packed::to_napi_value(raw_env, packed(rows, int8)) }
+            .map_err(|e| Error::internal(format!("its rows could not be converted: {e}"))),
+        Ok(_) => Err(Error::internal(
+            "the statement produced an outcome of another kind",
+        )),
+        Err(e) => Err(e),
+    };
+    converted.unwrap_or_else(|e| match super::errors::error_object(env, &e) {
+        Ok(obj) => obj.raw(),
+        Err(_) => {
+            let mut undefined = std::ptr::null_mut();
+            unsafe { sys::napi_get_undefined(raw_env, &mut undefined) };
+            undefined
+        }
+    })
 }
 
 /// Reads `[[name, ...args], ...]`.

@@ -487,7 +487,7 @@ impl ToNapiValue for Rows {
 }
 
 /// One statement's result for wrappers.js to shape into `{ rows, rowCount, fields }`:
-/// `[columns joined by NUL, rowCount, rows, cell, cell, …]`, the cells row-major (`rows`
+/// `[column list key, rowCount, rows, cell, cell, …]`, the cells row-major (`rows`
 /// apart: zero-column rows exist). A small result goes as the arguments of one call to the
 /// shaper, a large one as one array; either way no property key is made here: the row
 /// objects come from a function wrappers.js compiles once per column list (napi's per-row
@@ -507,6 +507,17 @@ impl TypeName for Packed {
 }
 
 impl ValidateNapiValue for Packed {}
+
+/// A column list as one string: `<count>\0name\0name…` (the count tells one column named ""
+/// from none).
+fn shape_key(columns: &[String]) -> String {
+    let mut key = columns.len().to_string();
+    for c in columns {
+        key.push('\0');
+        key.push_str(c);
+    }
+    key
+}
 
 /// Most values passed to the shaper as arguments; a larger result goes as one array.
 const SHAPER_ARGS: usize = 64;
@@ -578,7 +589,7 @@ impl ToNapiValue for Packed {
         if 3 + cells <= SHAPER_ARGS {
             if let Some(function) = shaper(env) {
                 let mut args = [ptr::null_mut(); SHAPER_ARGS];
-                args[0] = string_to_js(env, &r.columns.join("\0"))?;
+                args[0] = string_to_js(env, &shape_key(&r.columns))?;
                 for (i, n) in [(1, r.row_count as f64), (2, r.rows.len() as f64)] {
                     check(
                         unsafe { sys::napi_create_double(env, n, &mut args[i]) },
@@ -625,7 +636,7 @@ impl ToNapiValue for Packed {
                 "packed cell",
             )
         };
-        set(0, string_to_js(env, &r.columns.join("\0"))?)?;
+        set(0, string_to_js(env, &shape_key(&r.columns))?)?;
         for (i, n) in [(1, r.row_count as f64), (2, r.rows.len() as f64)] {
             let mut number = ptr::null_mut();
             check(

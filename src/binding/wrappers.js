@@ -47,7 +47,7 @@
     )
   }
 
-  // Rows arrive packed (src/binding/values.rs `Packed`): [columns joined by NUL, rowCount,
+  // Rows arrive packed (src/binding/values.rs `Packed`): [column list key, rowCount,
   // rows, ...cells row-major]. Each column list gets a row constructor compiled once, so a row is
   // one object literal with a stable shape instead of a property definition per cell.
   const shapes = new Map()
@@ -77,7 +77,9 @@
     let shape = shapes.get(key)
     if (shape === undefined) {
       if (shapes.size >= SHAPES_MAX) shapes.clear()
-      const fields = key === '' ? [] : key.split('\0')
+      // `<column count>\0name\0name…`: the count tells one column named "" from none.
+      const parts = key.split('\0')
+      const fields = parts[0] === '0' ? [] : parts.slice(1)
       shape = { fields, row: compileRow(fields) }
       shapes.set(key, shape)
     }
@@ -100,7 +102,9 @@
 
   // A statement run on the calling thread comes back as its result (packed rows for a
   // query); one sent comes back as a promise of it.
-  const direct = (r, shape) => (r instanceof Promise ? r.then(shape) : Promise.resolve(shape(r)))
+  // (Not `instanceof Promise`: an app may replace the global Promise, e.g. zone.js.)
+  const isThenable = (r) => r !== null && typeof r === 'object' && typeof r.then === 'function'
+  const direct = (r, shape) => (isThenable(r) ? r.then(shape) : Promise.resolve(shape(r)))
   const same = (r) => r
 
   // SQLite statements issued together. In one turn of the event loop (until its microtasks
@@ -133,54 +137,84 @@
 
   // `eager(sql, params)`: the native call (a result when it ran here, else a promise);
   // `together(items)`: the group call; `shape(r)`: a native result as the caller sees it.
+  // Parameters a group may hold until its microtask: none, or an array of immutable values
+  // (copied, so the caller may reuse the array at once). A Buffer, Date or object could change
+  // before the group runs: such a statement runs at once instead.
+  const CANNOT_WAIT = Symbol('cannot wait')
+  function heldParams(params) {
+    if (params === undefined || params === null) return params
+    if (!Array.isArray(params)) return CANNOT_WAIT
+    for (let i = 0; i < params.length; i++) {
+      const v = params[i]
+      if ((v !== null && typeof v === 'object') || typeof v === 'function' || typeof v === 'symbol') return CANNOT_WAIT
+    }
+    return params.slice()
+  }
+
   function coalesced(kind, pool, eager, together, shape, sql, params) {
     if (!turnEnds) {
       turnEnds = true
       queueMicrotask(endTurn)
     }
-    if (kind.turn !== turn) {
-      kind.turn = turn // the first of its kind this turn: at once
-      kind.open = undefined
+    const held = kind.turn === turn ? heldParams(params) : CANNOT_WAIT
+    if (held === CANNOT_WAIT) {
+      kind.turn = turn // the first of its kind this turn, or parameters that cannot wait: at once
       return direct(eager.call(pool, sql, params), shape)
     }
     let group = kind.open
     if (group === undefined || group.items.length >= GROUP_MAX * 2) {
-      group = kind.open = { kind, pool, eager, together, shape, items: [], settle: [] }
+      group = kind.open = { kind, pool, eager, together, shape, items: [], settle: [], done: false }
       queueMicrotask(() => runGroup(group))
     }
     return new Promise((resolve, reject) => {
-      group.items.push(sql, params)
+      group.items.push(sql, held)
       group.settle.push(resolve, reject)
     })
   }
 
+  // Runs the groups held for `pool` now (before it closes: they were issued before close()).
+  function runHeld(pool) {
+    const state = pool[grouping]
+    if (!state) return
+    for (const kind of [state.query, state.execute]) if (kind.open !== undefined) runGroup(kind.open)
+  }
+
   function runGroup(group) {
+    if (group.done) return
+    group.done = true
     const { kind, pool, eager, together, shape, items, settle } = group
     if (kind.open === group) kind.open = undefined // its parameters are not kept past the run
     let results = null
     if (items.length > 2) {
       try {
         results = together.call(pool, items)
-      } catch (_) {
-        results = null // e.g. the pool closed meanwhile: each meets its own error below
+      } catch (err) {
+        // The group may have run: never run it again.
+        for (let i = 1; i < settle.length; i += 2) settle[i](err)
+        return
       }
     }
     for (let i = 0; i < settle.length; i += 2) {
-      if (results !== null) {
-        const r = results[i / 2]
+      const r = results === null ? null : results[i / 2]
+      if (r === undefined) {
+        settle[i + 1](new Error('quartermaster: a grouped statement lost its outcome (a bug); it may or may not have run'))
+        continue
+      }
+      if (r !== null) {
         if (r instanceof Error) settle[i + 1](r)
         else settle[i](shape(r))
         continue
       }
-      let r
+      // Not run in the group (declined, or past the part it took): on its own.
+      let one
       try {
-        r = eager.call(pool, items[i], items[i + 1])
+        one = eager.call(pool, items[i], items[i + 1])
       } catch (err) {
         settle[i + 1](err)
         continue
       }
-      if (r instanceof Promise) r.then(shape).then(settle[i], settle[i + 1])
-      else settle[i](shape(r))
+      if (isThenable(one)) one.then(shape).then(settle[i], settle[i + 1])
+      else settle[i](shape(one))
     }
   }
 
@@ -200,7 +234,13 @@
     }
     if (cls === ConnectionPool) {
       // A pool's statements may be grouped (a lease's keep their order instead).
-      const { _queryGroup, _executeGroup } = proto
+      const { _queryGroup, _executeGroup, close } = proto
+      // Statements held for a group were issued before close(): they run first, as queued
+      // work does.
+      proto.close = function close_(...args) {
+        runHeld(this)
+        return close.apply(this, args)
+      }
       proto.query = function query_(sql, params, options) {
         if (options !== undefined) return bounded(this, query, [sql, params], options)
         const state = groupState(this)

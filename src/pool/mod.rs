@@ -95,6 +95,9 @@ pub(crate) struct PoolShared {
     closed: AtomicBool,
     waiters: AtomicUsize,
     peak_in_use: AtomicUsize,
+    /// Most statements a calling-thread group takes now: halved when a group runs into the
+    /// calling-thread bound, grown back by one after each group that ran well within it.
+    group_cap: AtomicUsize,
     pub(crate) runtime: Handle,
     /// The listening connection (LISTEN / SUBSCRIBE), started by the first `listen`.
     hub: std::sync::OnceLock<Arc<listen::Hub>>,
@@ -239,6 +242,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             waiters: AtomicUsize::new(0),
             peak_in_use: AtomicUsize::new(0),
+            group_cap: AtomicUsize::new(MAX_GROUP),
             runtime: runtime.clone(),
             hub: std::sync::OnceLock::new(),
             _memory_anchor: Mutex::new(anchor),
@@ -558,37 +562,45 @@ impl Pool {
     /// SQLite: runs writes issued together (`execute` calls in one turn of the event loop) as
     /// one transaction on the calling thread, when each is a plain cheap INSERT, UPDATE,
     /// DELETE or REPLACE, the writer connection is idle and nothing is queued for it: one
-    /// commit instead of one each. `None`: nothing ran; send them one by one.
-    pub fn try_inline_group(&self, statements: &[Statement]) -> Option<Vec<Result<Outcome>>> {
+    /// commit instead of one each. See [`try_inline_together`](Self::try_inline_together).
+    pub fn try_inline_group(
+        &self,
+        statements: &[Statement],
+    ) -> Option<Vec<Option<Result<Outcome>>>> {
         self.try_inline_together(statements, Together::Writes)
     }
 
     /// SQLite: runs reads issued together (`query` calls in one turn of the event loop) in
     /// one read transaction on the calling thread, when each is known to be cheap and
     /// read-only, a reader is idle and nothing is queued for it: one snapshot and one lock
-    /// round instead of one each. `None`: nothing ran; send them one by one.
-    pub fn try_inline_reads(&self, statements: &[Statement]) -> Option<Vec<Result<Outcome>>> {
+    /// round instead of one each. See [`try_inline_together`](Self::try_inline_together).
+    pub fn try_inline_reads(
+        &self,
+        statements: &[Statement],
+    ) -> Option<Vec<Option<Result<Outcome>>>> {
         self.try_inline_together(statements, Together::Reads)
     }
 
     /// [`try_inline_group`](Self::try_inline_group) / [`try_inline_reads`](Self::try_inline_reads):
-    /// 2 to [`MAX_GROUP`] statements, cut off at [`profile::INLINE_LIMIT`] like one statement
-    /// run inline (and then each is marked too slow for this thread).
+    /// the first statements, up to the current cap (at most [`MAX_GROUP`]), run as one group
+    /// on the calling thread within [`profile::INLINE_LIMIT`]; `None` in an entry: not taken
+    /// (send it on its own). `None` for all: nothing ran. A group cut off at the limit halves
+    /// the cap instead of marking its statements slow (each is cheap on its own).
     fn try_inline_together(
         &self,
         statements: &[Statement],
         together: Together,
-    ) -> Option<Vec<Result<Outcome>>> {
+    ) -> Option<Vec<Option<Result<Outcome>>>> {
         let s = &self.shared;
-        let n = statements.len();
+        let taken = statements.len().min(s.group_cap.load(Ordering::Relaxed));
         if self.is_closed()
             || s.config.target.backend() != "sqlite"
-            || !(2..=MAX_GROUP).contains(&n)
+            || !(2..=MAX_GROUP).contains(&taken)
         {
             return None;
         }
-        let mut items = Vec::with_capacity(n);
-        for statement in statements {
+        let mut items = Vec::with_capacity(taken);
+        for statement in &statements[..taken] {
             let (sql, params, fits) = match (together, statement) {
                 (Together::Writes, Statement::Execute(sql, params)) => {
                     (sql, params, statement.can_group())
@@ -619,18 +631,24 @@ impl Pool {
         let tried = Instant::now();
         let outcomes = conn.run_together_now(&items, profile::INLINE_LIMIT, together);
         self.give_back(kind, conn);
+        let tried = tried.elapsed();
         let Some(outcomes) = outcomes else {
-            let tried = tried.elapsed();
-            for (sql, _) in &items {
-                s.profiles.given_up(sql, tried);
+            if tried >= profile::INLINE_LIMIT {
+                s.group_cap.store((taken / 2).max(2), Ordering::Relaxed);
             }
             return None;
         };
-        let n = n as u64;
+        if tried < profile::INLINE_LIMIT / 4 && taken == s.group_cap.load(Ordering::Relaxed) {
+            s.group_cap
+                .store((taken + 1).min(MAX_GROUP), Ordering::Relaxed);
+        }
+        let n = taken as u64;
         s.recorder.gets.add(n);
         s.recorder.successful_gets.add(n);
         s.recorder.inline_statements.add(n);
-        Some(outcomes)
+        let mut all: Vec<Option<Result<Outcome>>> = outcomes.into_iter().map(Some).collect();
+        all.resize_with(statements.len(), || None);
+        Some(all)
     }
 
     /// SQLite: runs a statement on the calling thread and returns its outcome

@@ -382,6 +382,10 @@ fn run_execute(
     })
 }
 
+/// A group that failed part way for a bug: its statements may or may not have run.
+pub(crate) const MAY_HAVE_RUN: &str =
+    "the statement failed unexpectedly (a bug); it may or may not have run";
+
 fn interrupted(e: &Error) -> bool {
     e.sqlstate.as_deref() == Some("SQLITE_9")
 }
@@ -464,18 +468,25 @@ fn in_transaction_within<T>(
     if !conn.is_autocommit() {
         return None;
     }
+    /// Ends what `group` leaves behind, even if it panics: the deadline, and an open
+    /// transaction (which would otherwise swallow the next statements on the connection).
+    struct Cleanup<'c>(&'c Connection, &'c AtomicU64);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            self.1.store(0, Ordering::Relaxed);
+            if !self.0.is_autocommit() {
+                let _ = self.0.execute_batch("ROLLBACK");
+            }
+        }
+    }
     if let Some(limit) = limit {
         deadline.store(
             micros_since_epoch(Instant::now() + limit),
             Ordering::Relaxed,
         );
     }
-    let outcome = group();
-    deadline.store(0, Ordering::Relaxed);
-    if !conn.is_autocommit() {
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-    outcome
+    let _cleanup = Cleanup(conn, deadline);
+    group()
 }
 
 /// [`SqliteConnection::run_group_now`]'s transaction; `None` when interrupted (or, when
@@ -512,15 +523,10 @@ fn run_group(
                 }
             }
         }
-        if let Err(e) = conn.execute_batch("COMMIT").map_err(query_error) {
-            if give_up(&e) {
-                return None;
-            }
-            for outcome in outcomes.iter_mut() {
-                if matches!(outcome, Some(Ok(_))) {
-                    *outcome = Some(Err(e.clone()));
-                }
-            }
+        if conn.execute_batch("COMMIT").is_err() {
+            // Nothing took effect (e.g. a deferred constraint, which one of them broke):
+            // rolled back by the caller, each runs again on its own and meets its own outcome.
+            return None;
         }
         return Some(
             outcomes
@@ -637,9 +643,9 @@ impl SqliteConnection {
     /// (group commit: one WAL commit for the lot). Each statement's outcome is its own: one
     /// that fails is undone alone and the others carry on; one whose failure undid the whole
     /// transaction is reported and the rest run again in a fresh one, so every statement
-    /// reported done is in the committed transaction, and none is in it twice. A failed
-    /// COMMIT fails them all (none took effect). `None`: the limit cut it off — everything
-    /// was rolled back, so each statement may run again elsewhere.
+    /// reported done is in the committed transaction, and none is in it twice. `None`:
+    /// nothing took effect (the limit cut it off, or the COMMIT failed): everything was
+    /// rolled back, so each statement may run again on its own.
     pub fn run_group_now(
         &self,
         items: &[(&str, &[Value])],
@@ -678,6 +684,7 @@ impl SqliteConnection {
             Arc::clone(&self.notes),
         );
         let limit = self.statement_timeout;
+        let n = items.len();
         tokio::task::spawn_blocking(move || {
             let conn = conn.lock();
             let items: Vec<(&str, &[Value])> = items
@@ -687,8 +694,10 @@ impl SqliteConnection {
             group_locked(&conn, &items, limit, false, &deadline, &notes)
         })
         .await
-        .ok()
-        .flatten()
+        .unwrap_or_else(|_| {
+            // It panicked part way: what ran is unknown, so nothing may run again.
+            Some((0..n).map(|_| Err(Error::internal(MAY_HAVE_RUN))).collect())
+        })
     }
 
     /// Whether the last statement run only reads (for routing it to the readers next time).
