@@ -33,9 +33,10 @@ describe('ConnectionPool on SQLite', () => {
   it('shapes rows of any size, odd column names and a changed schema', async () => {
     const pool = new ConnectionPool({ url: 'sqlite::memory:', maxSize: 2, name: 'mem-shapes' })
     await pool.execute('create table t(id integer primary key, sym text)')
-    await pool.execute("with recursive n(i) as (select 1 union all select i + 1 from n where i < 100) insert into t(sym) select 'S' || i from n")
-    // Small results are handed to JavaScript as call arguments, large ones as one array.
-    for (const n of [1, 20, 21, 100]) {
+    await pool.execute("with recursive n(i) as (select 1 union all select i + 1 from n where i < 3000) insert into t(sym) select 'S' || i from n")
+    // Small results are handed to JavaScript as call arguments, larger ones as one array, the
+    // largest built natively row by row.
+    for (const n of [1, 20, 21, 100, 2048, 3000]) {
       const { rows, rowCount, fields } = pool.querySync('select id, sym from t where id <= $1 order by id', [n])
       expect(rowCount).toBe(n)
       expect(fields).toEqual(['id', 'sym'])

@@ -582,10 +582,19 @@ fn shaper(env: sys::napi_env) -> Option<Raw> {
     })
 }
 
+/// Past this many cells a result is built here, row by row, as before: one packed array that
+/// large lands in V8's large-object space per batch, which only a full GC frees (a 5M-row
+/// cursor grew RSS by 93 MiB that way).
+const PACKED_CELLS_MAX: usize = 4096;
+
 impl ToNapiValue for Packed {
     unsafe fn to_napi_value(env: sys::napi_env, val: Self) -> napi::Result<Raw> {
+        let cells = val.result.rows.len() * val.result.columns.len();
+        if cells > PACKED_CELLS_MAX {
+            let whole = super::pool::rows(val.result, val.int8);
+            return unsafe { ToNapiValue::to_napi_value(env, whole) };
+        }
         let r = &val.result;
-        let cells = r.rows.len() * r.columns.len();
         if 3 + cells <= SHAPER_ARGS {
             if let Some(function) = shaper(env) {
                 let mut args = [ptr::null_mut(); SHAPER_ARGS];
