@@ -135,8 +135,6 @@
     return state
   }
 
-  // `eager(sql, params)`: the native call (a result when it ran here, else a promise);
-  // `together(items)`: the group call; `shape(r)`: a native result as the caller sees it.
   // Parameters a group may hold until its microtask: none, or an array of immutable values
   // (copied, so the caller may reuse the array at once). A Buffer, Date or object could change
   // before the group runs: such a statement runs at once instead.
@@ -151,6 +149,8 @@
     return params.slice()
   }
 
+  // `eager(sql, params)`: the native call (a result when it ran here, else a promise);
+  // `together(items)`: the group call; `shape(r)`: a native result as the caller sees it.
   function coalesced(kind, pool, eager, together, shape, sql, params) {
     if (!turnEnds) {
       turnEnds = true
