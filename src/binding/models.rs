@@ -25,7 +25,8 @@ pub struct ModelCacheOptions {
     /// Most models resident at once (LRU eviction beyond it). Default 100.
     pub max_models: Option<f64>,
     /// Most bytes of weights resident at once, host and GPU together (LRU eviction beyond it).
-    /// Default 4 GiB. Note: `4 << 30` is 0 in JavaScript; write `4 * 2 ** 30`.
+    /// On a CPU with AVX-512 a layer of 64 or more outputs also keeps a packed copy of its
+    /// weights for the kernel, counted here too (`memoryUsage().modelDataBytes`). Default 4 GiB. Note: `4 << 30` is 0 in JavaScript; write `4 * 2 ** 30`.
     pub max_bytes: Option<f64>,
     /// A model not used (loaded, got or run) for this long expires. Default one hour; 0 disables.
     pub ttl_ms: Option<f64>,

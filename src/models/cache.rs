@@ -94,7 +94,8 @@ pub struct CacheStats {
 }
 
 enum Backend {
-    Cpu(ModelFile),
+    /// The file and its weights' packed copies.
+    Cpu(ModelFile, cpu::PackedWeights),
     Cuda(Box<CudaModel>),
 }
 
@@ -287,9 +288,10 @@ impl CacheInner {
         let spec = file.spec.clone();
         let (backend, host_weight_bytes, resident_bytes) = match &self.device {
             Device::Cpu => {
-                let bytes = file.weights.bytes();
+                let packed = cpu::PackedWeights::new(&file.spec, &file.weights);
+                let bytes = file.weights.bytes() + packed.bytes();
                 ledger.allocated(Bucket::ModelData, bytes);
-                (Backend::Cpu(file), bytes, bytes as u64)
+                (Backend::Cpu(file, packed), bytes, bytes as u64)
             }
             Device::Cuda(_) => {
                 let gpu = self
@@ -705,7 +707,7 @@ impl ModelHandle {
                 b
             }
             None => {
-                if input_len == 0 || input_len % sample != 0 {
+                if input_len == 0 || !input_len.is_multiple_of(sample) {
                     return Err(Error::invalid_argument(format!(
                         "input has {input_len} floats; expected a positive multiple of {sample} (floats per sample)"
                     )));
@@ -726,7 +728,7 @@ impl ModelHandle {
         }
         let output_len = batch * entry.spec.output_size;
         let workspace_len = match entry.backend {
-            Backend::Cpu(_) => cpu::workspace_len(&entry.spec, batch, entry.threads)?,
+            Backend::Cpu(..) => cpu::workspace_len(&entry.spec, batch, entry.threads)?,
             Backend::Cuda(_) => 0,
         };
         let total = [input_len, output_len, workspace_len]
@@ -777,7 +779,7 @@ impl Prediction {
     /// pass at this batch size is under the cache's `inline_below` (the first call at a batch
     /// size is measured off the caller's thread). GPU calls never do: they wait for the device.
     pub fn fits_calling_thread(&self) -> bool {
-        matches!(self.entry.backend, Backend::Cpu(_))
+        matches!(self.entry.backend, Backend::Cpu(..))
             && self.entry.times.under(self.batch, self.entry.inline_below)
     }
 
@@ -789,11 +791,12 @@ impl Prediction {
         let (entry, batch) = (&self.entry, self.batch);
         // A panic here would be a bug; it must still never unwind into Node.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &entry.backend {
-            Backend::Cpu(file) => {
+            Backend::Cpu(file, packed) => {
                 let (spec, threads) = (&entry.spec, entry.threads);
                 cpu::forward(
                     spec,
                     &file.weights,
+                    packed,
                     input,
                     batch,
                     threads,

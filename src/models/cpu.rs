@@ -5,9 +5,9 @@
 
 use crate::error::{Error, Result};
 use crate::models::format::{
-    Activation, Architecture, DenseSpec, LstmLayerSpec, ModelSpec, Weights,
+    Activation, Architecture, DenseSpec, LstmLayerSpec, ModelSpec, TensorId, Weights,
 };
-use crate::models::matmul::{matmul, matmul_fused, Epilogue, Shape};
+use crate::models::matmul::{matmul, matmul_fused, matmul_packed, Epilogue, Packed, Shape};
 
 /// A GEMM this large, in a batch too small to split, may use rayon's pool by itself.
 const PARALLEL_MACS: usize = 1 << 21;
@@ -97,14 +97,59 @@ fn part_len(spec: &ModelSpec, batch: usize) -> Result<usize> {
     len.ok_or_else(|| too_large(batch))
 }
 
+/// Each GEMM weight's packed copy, by tensor, where the AVX-512 kernel runs it (see
+/// [`Packed::new`]: on such CPUs, layers of at least 64 outputs). Built once when a model is
+/// loaded onto the CPU; its bytes count as the model's.
+#[derive(Default)]
+pub struct PackedWeights {
+    by_tensor: Vec<Option<Packed>>,
+}
+
+impl PackedWeights {
+    pub fn new(spec: &ModelSpec, weights: &Weights) -> PackedWeights {
+        let mut by_tensor: Vec<Option<Packed>> = Vec::new();
+        by_tensor.resize_with(weights.tensor_count(), || None);
+        let mut pack = |id: TensorId, cols: usize, depth: usize| {
+            by_tensor[id] = Packed::new(weights.tensor(id), cols, depth);
+        };
+        let dense = |layers: &[DenseSpec], pack: &mut dyn FnMut(TensorId, usize, usize)| {
+            for d in layers {
+                pack(d.weight, d.outputs, d.inputs);
+            }
+        };
+        match &spec.arch {
+            Architecture::Mlp { dense: layers } => dense(layers, &mut pack),
+            Architecture::Lstm { layers, head } => {
+                for l in layers {
+                    pack(l.weight_ih, 4 * l.hidden, l.inputs);
+                    pack(l.weight_hh, 4 * l.hidden, l.hidden);
+                }
+                dense(head, &mut pack);
+            }
+        }
+        PackedWeights { by_tensor }
+    }
+
+    /// Bytes of every packed copy.
+    pub fn bytes(&self) -> usize {
+        self.by_tensor.iter().flatten().map(Packed::bytes).sum()
+    }
+
+    fn get(&self, id: TensorId) -> Option<&Packed> {
+        self.by_tensor.get(id).and_then(Option::as_ref)
+    }
+}
+
 /// Runs the model on `batch` samples of `input`, writing `batch × output_size` floats to `out`.
 /// `input`, `out` and `workspace` (see [`workspace_len`], same `threads`) must have the lengths
 /// the spec implies. Large batches are split in halves run on rayon's pool (at most `threads`
 /// parts); a sample's result does not depend on the other samples, and a given batch size
-/// always splits the same way.
+/// always splits the same way. `packed` is [`PackedWeights::new`] of these weights, or empty.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     spec: &ModelSpec,
     weights: &Weights,
+    packed: &PackedWeights,
     input: &[f32],
     batch: usize,
     threads: usize,
@@ -116,33 +161,40 @@ pub fn forward(
     let parts = parts(spec, batch, threads);
     // One part on a caller outside the pool: a large layer may still use the pool by itself.
     let wide = parts == 1 && threads > 1 && rayon::current_thread_index().is_none();
-    forward_split(spec, weights, input, batch, workspace, out, parts, wide);
+    let layers = Layers {
+        weights,
+        packed,
+        wide,
+    };
+    forward_split(spec, layers, input, batch, workspace, out, parts);
 }
 
 #[allow(clippy::too_many_arguments)]
 fn forward_split(
     spec: &ModelSpec,
-    weights: &Weights,
+    layers: Layers,
     input: &[f32],
     batch: usize,
     workspace: &mut [f32],
     out: &mut [f32],
     parts: usize,
-    wide: bool,
 ) {
     if parts <= 1 {
-        let layers = Layers { weights, wide };
         return forward_part(spec, layers, input, batch, workspace, out);
     }
+    // Split: no GEMM of a part uses the pool by itself.
+    let layers = Layers {
+        wide: false,
+        ..layers
+    };
     let left = batch / 2;
     let (in_a, in_b) = input.split_at(left * spec.sample_len());
     let (out_a, out_b) = out.split_at_mut(left * spec.output_size);
     let ws_left = split_len(spec, left, parts / 2).unwrap_or(0);
     let (ws_a, ws_b) = workspace.split_at_mut(ws_left);
-    let mut first = move || forward_split(spec, weights, in_a, left, ws_a, out_a, parts / 2, false);
+    let mut first = move || forward_split(spec, layers, in_a, left, ws_a, out_a, parts / 2);
     let rest = parts - parts / 2;
-    let mut second =
-        move || forward_split(spec, weights, in_b, batch - left, ws_b, out_b, rest, false);
+    let mut second = move || forward_split(spec, layers, in_b, batch - left, ws_b, out_b, rest);
     if rayon::current_thread_index().is_some() {
         rayon::join(first, second);
     } else {
@@ -155,10 +207,11 @@ fn forward_split(
     }
 }
 
-/// The weights and whether one GEMM may use rayon's pool by itself.
+/// The weights, their packed copies and whether one GEMM may use rayon's pool by itself.
 #[derive(Clone, Copy)]
 struct Layers<'w> {
     weights: &'w Weights,
+    packed: &'w PackedWeights,
     wide: bool,
 }
 
@@ -167,20 +220,36 @@ impl Layers<'_> {
         self.wide && s.rows.saturating_mul(s.cols).saturating_mul(s.depth) >= PARALLEL_MACS
     }
 
-    /// [`matmul_fused`]: `false` (nothing written) where it is not available.
+    fn tensor(&self, id: TensorId) -> &[f32] {
+        self.weights.tensor(id)
+    }
+
+    /// `dst = relu?(lhs · wᵀ + bias)`: `false` (nothing written) where no fused kernel runs
+    /// (the caller runs the separate passes).
     fn gemm_fused(
         &self,
         s: Shape,
         lhs: &[f32],
-        w: &[f32],
+        w: TensorId,
         dst: &mut [f32],
         e: Epilogue<'_>,
     ) -> bool {
-        matmul_fused(s, lhs, w, dst, e, self.wide(s))
+        let wide = self.wide(s);
+        match self.packed.get(w) {
+            Some(p) if !wide => {
+                matmul_packed(s, lhs, p, dst, false, e);
+                true
+            }
+            _ => matmul_fused(s, lhs, self.tensor(w), dst, e, wide),
+        }
     }
 
-    fn gemm(&self, s: Shape, lhs: &[f32], w: &[f32], dst: &mut [f32], accumulate: bool) {
-        matmul(s, lhs, w, dst, accumulate, self.wide(s));
+    fn gemm(&self, s: Shape, lhs: &[f32], w: TensorId, dst: &mut [f32], accumulate: bool) {
+        let wide = self.wide(s);
+        match self.packed.get(w) {
+            Some(p) if !wide => matmul_packed(s, lhs, p, dst, accumulate, Epilogue::default()),
+            _ => matmul(s, lhs, self.tensor(w), dst, accumulate, wide),
+        }
     }
 }
 
@@ -263,8 +332,8 @@ fn dense_stack(
 
 /// `out = act(x · Wᵀ + b)` for `rows` rows.
 fn dense(weights: Layers, layer: &DenseSpec, x: &[f32], rows: usize, out: &mut [f32]) {
-    let w = weights.weights.tensor(layer.weight);
-    let bias = layer.bias.map(|b| weights.weights.tensor(b));
+    let w = layer.weight;
+    let bias = layer.bias.map(|b| weights.tensor(b));
     let shape = Shape {
         rows,
         cols: layer.outputs,
@@ -308,7 +377,7 @@ fn lstm_layer(
     let proj = &mut proj[..rows * gates];
     let h = &mut h[..batch * hidden];
     let c = &mut c[..batch * hidden];
-    let tensor = |id| weights.weights.tensor(id);
+    let tensor = |id| weights.tensor(id);
     let b_ih = layer.bias_ih.map(tensor);
     let b_hh = layer.bias_hh.map(tensor);
     let has_bias = b_ih.is_some() || b_hh.is_some();
@@ -327,10 +396,9 @@ fn lstm_layer(
         lhs_stride: layer.inputs,
         dst_stride: gates,
     };
-    weights.gemm(shape, x, tensor(layer.weight_ih), proj, has_bias);
+    weights.gemm(shape, x, layer.weight_ih, proj, has_bias);
     h.fill(0.0);
     c.fill(0.0);
-    let w_hh = tensor(layer.weight_hh);
     let recurrent = Shape {
         rows: batch,
         cols: gates,
@@ -342,7 +410,7 @@ fn lstm_layer(
         let step = &mut proj[t * gates..];
         if t > 0 {
             // Recurrent term for step t of every sample: rows b·T + t, stride T·4H.
-            weights.gemm(recurrent, h, w_hh, step, true);
+            weights.gemm(recurrent, h, layer.weight_hh, step, true);
         }
         for b in 0..batch {
             let g = &step[b * steps * gates..b * steps * gates + gates];
@@ -391,11 +459,15 @@ mod tests {
     use crate::models::format::ModelFile;
 
     fn run(m: &ModelFile, input: &[f32], batch: usize) -> Vec<f32> {
+        run_with(m, &PackedWeights::new(&m.spec, &m.weights), input, batch)
+    }
+
+    fn run_with(m: &ModelFile, packed: &PackedWeights, input: &[f32], batch: usize) -> Vec<f32> {
         let threads = threads(0);
         let mut ws = vec![0.0; workspace_len(&m.spec, batch, threads).unwrap()];
         let mut out = vec![0.0; batch * m.spec.output_size];
         forward(
-            &m.spec, &m.weights, input, batch, threads, &mut ws, &mut out,
+            &m.spec, &m.weights, packed, input, batch, threads, &mut ws, &mut out,
         );
         out
     }
@@ -458,6 +530,28 @@ mod tests {
             for (a, b) in run(&m, x, 1).iter().zip(&out[s * 3..(s + 1) * 3]) {
                 assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
             }
+        }
+    }
+
+    #[test]
+    fn packed_layers_agree_with_the_dot_kernel_and_a_sample_has_one_result_in_any_batch() {
+        let m = ModelFile::from_bytes(&mlp(&[64, 256, 100, 1], "relu,tanh,none", 3)).unwrap();
+        let packed = PackedWeights::new(&m.spec, &m.weights);
+        if packed.bytes() == 0 {
+            return; // no AVX-512 here: every layer runs the dot-product kernel
+        }
+        // The two wide layers are packed (100 outputs pad to 7 panels); the last is not.
+        assert_eq!(packed.bytes(), (64 * 256 + 256 * 112) * 4);
+        let batch = 37;
+        let input: Vec<f32> = (0..batch * 64).map(|i| (i as f32 * 0.13).sin()).collect();
+        let ours = run_with(&m, &packed, &input, batch);
+        let dot = run_with(&m, &PackedWeights::default(), &input, batch);
+        for (a, b) in ours.iter().zip(&dot) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        for s in [0, 5, 36] {
+            let one = run_with(&m, &packed, &input[s * 64..(s + 1) * 64], 1);
+            assert_eq!(one[0].to_bits(), ours[s].to_bits(), "sample {s}");
         }
     }
 

@@ -608,7 +608,8 @@ impl Weights {
         let zero_copy = cfg!(target_endian = "little")
             && names.iter().all(|n| {
                 let info = &header.tensors[n];
-                info.dtype == Dtype::F32 && (base + header.data_start + info.start) % 4 == 0
+                info.dtype == Dtype::F32
+                    && (base + header.data_start + info.start).is_multiple_of(4)
             });
         if !zero_copy {
             return Weights::owned(&map, header, names);
@@ -705,7 +706,7 @@ pub(crate) mod tests {
             );
         }
         let mut json = serde_json::to_vec(&Value::Object(header)).unwrap();
-        while json.len() % 8 != 0 {
+        while !json.len().is_multiple_of(8) {
             json.push(b' ');
         }
         let mut out = (json.len() as u64).to_le_bytes().to_vec();
