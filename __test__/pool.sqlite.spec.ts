@@ -4,6 +4,7 @@ import os from 'node:os'
 import path from 'node:path'
 
 import { ConnectionPool } from '../index'
+import { collectGarbage, eventually } from './support/env'
 
 describe('ConnectionPool on SQLite', () => {
   let dir: string
@@ -133,6 +134,51 @@ describe('ConnectionPool on SQLite', () => {
     const again = pool.tryAcquire()
     expect(again).not.toBeNull()
     again!.release() // (left out, close() would wait for it)
+    await pool.close()
+  })
+
+  it('passes text of every length through whole, in SQL and in parameters', async () => {
+    const pool = new ConnectionPool({ url: 'sqlite::memory:', maxSize: 1 })
+    // Strings are read into a 256-byte buffer first: a character of 2, 3 or 4 bytes straddles
+    // its end at some length here, and must never be cut off.
+    for (const wide of ['é', '€', '𝄞']) {
+      for (let k = 236; k <= 262; k++) {
+        const text = 'a'.repeat(k) + wide + 'b'
+        expect(pool.querySync('select $1 as t', [text]).rows[0].t).toBe(text)
+        const sql = `select '${text}' as t`
+        expect(pool.querySync(sql).rows[0].t).toBe(text)
+        expect((await pool.query(sql)).rows[0].t).toBe(text)
+      }
+    }
+    await pool.close()
+  })
+
+  it('rejects SQL that is not a string with INVALID_ARGUMENT, on pools and leases', async () => {
+    const pool = new ConnectionPool({ url: 'sqlite::memory:', maxSize: 2 })
+    const lease = await pool.acquire()
+    for (const on of [pool, lease]) {
+      await expect(on.query(42 as any)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT', message: expect.stringContaining('sql must be a string') })
+      await expect(on.execute(undefined as any)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' })
+      expect(() => on.querySync({} as any)).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT' }))
+      expect(() => on.executeSync(null as any)).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT' }))
+      expect(on.querySync('select 1 as x').rows).toEqual([{ x: 1 }])
+    }
+    lease.release()
+    await pool.close()
+  })
+
+  it('reclaims a dropped lease that ran statements', async () => {
+    const pool = new ConnectionPool({ url: 'sqlite::memory:', maxSize: 1 })
+    await (async () => {
+      const lease = await pool.acquire()
+      expect(lease.querySync('select 1 as x').rows).toEqual([{ x: 1 }])
+      expect((await lease.query('select 2 as x')).rows).toEqual([{ x: 2 }])
+      expect(lease.executeSync('create table t(x)').rowCount).toBe(0)
+    })()
+    await collectGarbage()
+    await eventually(() => pool.status(), (s) => s.inUse === 0)
+    expect(pool.metrics().leakedLeases).toBe(1)
+    expect(pool.querySync('select 3 as x').rows).toEqual([{ x: 3 }])
     await pool.close()
   })
 

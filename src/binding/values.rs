@@ -84,6 +84,28 @@ fn element(env: sys::napi_env, v: Raw, i: u32) -> Result<Raw, Error> {
 }
 
 fn string_from_js(env: sys::napi_env, v: Raw) -> Result<String, Error> {
+    // Most SQL texts and text parameters are short: one call into a buffer on the stack. A
+    // cut string ends within 4 bytes (one character) of the buffer's 255: within those, its
+    // length first, as below.
+    let mut short = [0u8; 256];
+    let mut written = 0;
+    if unsafe {
+        sys::napi_get_value_string_utf8(
+            env,
+            v,
+            short.as_mut_ptr().cast(),
+            short.len(),
+            &mut written,
+        )
+    } != sys::Status::napi_ok
+    {
+        return Err(internal("string"));
+    }
+    if written + 5 <= short.len() {
+        return std::str::from_utf8(&short[..written])
+            .map(str::to_owned)
+            .map_err(|_| internal("utf-8"));
+    }
     let mut len = 0;
     if unsafe { sys::napi_get_value_string_utf8(env, v, ptr::null_mut(), 0, &mut len) }
         != sys::Status::napi_ok
@@ -305,12 +327,16 @@ pub(crate) fn values_from_array(env: &Env, array: Raw, what: &str) -> Result<Vec
 }
 
 pub(crate) fn string_at(env: &Env, array: Raw, index: u32, what: &str) -> Result<String, Error> {
+    string_value(env, element(env.raw(), array, index)?, what)
+}
+
+/// `v` as a string; `INVALID_ARGUMENT` naming `what` when it is not one.
+pub(crate) fn string_value(env: &Env, v: Raw, what: &str) -> Result<String, Error> {
     let env = env.raw();
-    let item = element(env, array, index)?;
-    if type_of(env, item)? != ValueType::String {
+    if type_of(env, v)? != ValueType::String {
         return Err(Error::invalid_argument(format!("{what} must be a string")));
     }
-    string_from_js(env, item)
+    string_from_js(env, v)
 }
 
 pub(crate) fn array_length(env: &Env, array: Raw) -> Result<u32, Error> {

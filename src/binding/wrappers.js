@@ -218,19 +218,45 @@
     }
   }
 
+  // Each pool's and lease's bare functions (src/binding/pool.rs `bare_functions`): its
+  // query, execute, querySync and executeSync of (sql, params) without napi-rs's per-call
+  // work. Kept only here, so no other code reaches them and they go with their object.
+  const bareFunctions = new WeakMap()
+  function bareOf(self) {
+    let bare = bareFunctions.get(self)
+    if (bare === undefined) {
+      bare = self._bare()
+      bareFunctions.set(self, bare)
+    }
+    return bare
+  }
+
   for (const cls of [ConnectionPool, PooledConnection]) {
     const proto = cls.prototype
-    const { query: packedQuery, querySync: packedQuerySync } = proto
+    const { query: packedQuery } = proto
     proto.querySync = function querySync(sql, params) {
-      return shaped(packedQuerySync.call(this, sql, params))
+      return shaped(bareOf(this).querySync(sql, params))
+    }
+    proto.executeSync = function executeSync(sql, params) {
+      return bareOf(this).executeSync(sql, params)
+    }
+    // The native call without options: a result when it ran on the calling thread, else a
+    // promise. (Options come with a cancellation: the method itself.)
+    const eagerQuery = function eagerQuery(sql, params) {
+      return bareOf(this).query(sql, params)
     }
     const query = function query(sql, params, options, cancellation) {
-      return direct(packedQuery.call(this, sql, params, options, cancellation), shaped)
+      const r = options === undefined ? bareOf(this).query(sql, params) : packedQuery.call(this, sql, params, options, cancellation)
+      return direct(r, shaped)
     }
-    // Likewise `execute`: a result when it ran on the calling thread, else a promise.
-    const { execute: eagerExecute, command, pipeline } = proto
+    // Likewise `execute`.
+    const { execute: nativeExecute, command, pipeline } = proto
+    const eagerExecute = function eagerExecute(sql, params) {
+      return bareOf(this).execute(sql, params)
+    }
     const execute = function execute(sql, params, options, cancellation) {
-      return direct(eagerExecute.call(this, sql, params, options, cancellation), same)
+      const r = options === undefined ? bareOf(this).execute(sql, params) : nativeExecute.call(this, sql, params, options, cancellation)
+      return direct(r, same)
     }
     if (cls === ConnectionPool) {
       // A pool's statements may be grouped (a lease's keep their order instead).
@@ -245,7 +271,7 @@
         if (options !== undefined) return bounded(this, query, [sql, params], options)
         const state = groupState(this)
         if (state === null) return query.call(this, sql, params)
-        return coalesced(state.query, this, packedQuery, _queryGroup, shaped, sql, params)
+        return coalesced(state.query, this, eagerQuery, _queryGroup, shaped, sql, params)
       }
       proto.execute = function execute_(sql, params, options) {
         if (options !== undefined) return bounded(this, execute, [sql, params], options)

@@ -3,7 +3,7 @@
 //! without a thread hop, to keep slow ones out of shared pipelines, and to send SQLite
 //! writes to the one writer connection.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! SQLite connections on rusqlite (bundled). Statements run on tokio's blocking pool.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
