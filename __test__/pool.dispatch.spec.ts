@@ -170,6 +170,24 @@ describe('SQLite on the calling thread', () => {
     expect(pool.metrics().inlineStatements - before).toBeGreaterThanOrEqual(40) // none left the thread
   })
 
+  it('gives reads of one text issued together the columns of their own snapshot', async () => {
+    const pool = open({ url: `sqlite:${path.join(dir, 'columns.db')}`, maxSize: 4, inlineMicros: 2000 })
+    await pool.execute('create table c(id integer primary key, sym text)')
+    await pool.execute("insert into c(sym) values ('A'), ('B')")
+    const star = 'select * from c where id = $1'
+    for (let i = 0; i < 3; i++) await pool.query(star, [1]) // learnt: cheap and read-only
+    // An id with no row first: its columns still come from the statement.
+    const group = () => Promise.all([3, 1, 2, 3, 2].map((id) => pool.query(star, [id])))
+    const before = await group()
+    expect(before.map((r) => r.rows)).toEqual([[], [{ id: 1, sym: 'A' }], [{ id: 2, sym: 'B' }], [], [{ id: 2, sym: 'B' }]])
+    expect(before.every((r) => r.fields.join() === 'id,sym')).toBe(true)
+    await pool.execute('alter table c add column px real')
+    await pool.execute('update c set px = 2.5')
+    const after = await group()
+    expect(after.map((r) => r.rows)).toEqual([[], [{ id: 1, sym: 'A', px: 2.5 }], [{ id: 2, sym: 'B', px: 2.5 }], [], [{ id: 2, sym: 'B', px: 2.5 }]])
+    expect(after.every((r) => r.fields.join() === 'id,sym,px')).toBe(true)
+  })
+
   it('begins and commits a transaction on the calling thread when the writer is idle', async () => {
     const pool = open({ url: `sqlite:${path.join(dir, 'tx.db')}`, maxSize: 4 })
     await pool.execute('create table pos(sym text primary key, qty integer)')

@@ -381,8 +381,18 @@ fn group_from_js(
 ) -> CoreResult<Vec<Statement>> {
     let n = values::array_length(env, items)?;
     let mut out = Vec::with_capacity(n as usize / 2);
+    // The same text as the item before (often all of them): copied, not read again.
+    let mut last: Option<(sys::napi_value, String)> = None;
     for i in (0..n.saturating_sub(1)).step_by(2) {
-        let sql = values::string_at(env, items, i, "group sql")?;
+        let js_sql = values::element_at(env, items, i)?;
+        let sql = match &last {
+            Some((js, text)) if values::strict_equals(env, *js, js_sql) => text.clone(),
+            _ => {
+                let text = values::string_value(env, js_sql, "group sql")?;
+                last = Some((js_sql, text.clone()));
+                text
+            }
+        };
         let params = values::element_at(env, items, i + 1)?;
         out.push(statement(sql, values::params_from_js(env, Some(params))?));
     }

@@ -330,6 +330,13 @@ pub(crate) fn string_at(env: &Env, array: Raw, index: u32, what: &str) -> Result
     string_value(env, element(env.raw(), array, index)?, what)
 }
 
+/// `a === b`.
+pub(crate) fn strict_equals(env: &Env, a: Raw, b: Raw) -> bool {
+    let mut equal = false;
+    let status = unsafe { sys::napi_strict_equals(env.raw(), a, b, &mut equal) };
+    status == sys::Status::napi_ok && equal
+}
+
 /// `v` as a string; `INVALID_ARGUMENT` naming `what` when it is not one.
 pub(crate) fn string_value(env: &Env, v: Raw, what: &str) -> Result<String, Error> {
     let env = env.raw();

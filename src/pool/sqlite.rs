@@ -309,7 +309,21 @@ fn note_read_only(stmt: &rusqlite::Statement<'_>, notes: &Notes) {
 
 fn run_query(conn: &Connection, sql: &str, params: &[Value], notes: &Notes) -> Result<QueryResult> {
     let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
-    note_read_only(&stmt, notes);
+    query_on(conn, &mut stmt, sql, params, notes, &mut None)
+}
+
+/// [`run_query`] on a statement already prepared. `known` carries the column names from one
+/// run to the next of the same statement within one read transaction, where the schema
+/// cannot change: read once, then reused as they are.
+fn query_on(
+    conn: &Connection,
+    stmt: &mut rusqlite::Statement<'_>,
+    sql: &str,
+    params: &[Value],
+    notes: &Notes,
+    known: &mut Option<Arc<[String]>>,
+) -> Result<QueryResult> {
+    note_read_only(stmt, notes);
     let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
     let mut rows = stmt
         .query(rusqlite::params_from_iter(bound.iter()))
@@ -319,7 +333,10 @@ fn run_query(conn: &Connection, sql: &str, params: &[Value], notes: &Notes) -> R
     let mut out = Vec::with_capacity(1);
     let first = match rows.next().map_err(query_error)? {
         Some(row) => {
-            let columns = notes.columns(sql, row.as_ref());
+            let columns = match known {
+                Some(columns) => Arc::clone(columns),
+                None => notes.columns(sql, row.as_ref()),
+            };
             out.push(row_cells(row, columns.len())?);
             Some(columns)
         }
@@ -335,9 +352,13 @@ fn run_query(conn: &Connection, sql: &str, params: &[Value], notes: &Notes) -> R
         }
         None => {
             drop(rows);
-            notes.columns(sql, &stmt)
+            match known {
+                Some(columns) => Arc::clone(columns),
+                None => notes.columns(sql, stmt),
+            }
         }
     };
+    *known = Some(Arc::clone(&columns));
     let width = columns.len();
     let row_count = if width == 0 {
         conn.changes()
@@ -432,12 +453,33 @@ fn read_group(
         return None;
     }
     let mut outcomes = Vec::with_capacity(items.len());
-    for (sql, params) in items {
-        match run_query(conn, sql, params, notes) {
+    // Reads issued together are often one statement many times: prepared (and its columns
+    // read) once for each run of the same text.
+    let mut current: Option<(&str, rusqlite::CachedStatement<'_>, Option<Arc<[String]>>)> = None;
+    for &(sql, params) in items {
+        if current.as_ref().is_none_or(|(text, ..)| *text != sql) {
+            current = None; // back to the cache first
+            match conn.prepare_cached(sql) {
+                Ok(stmt) => current = Some((sql, stmt, None)),
+                Err(e) => {
+                    let e = query_error(e);
+                    if give_up(&e) {
+                        return None;
+                    }
+                    outcomes.push(Err(e));
+                    continue;
+                }
+            }
+        }
+        let Some((_, stmt, known)) = current.as_mut() else {
+            continue;
+        };
+        match query_on(conn, stmt, sql, params, notes, known) {
             Err(e) if give_up(&e) => return None,
             other => outcomes.push(other),
         }
     }
+    drop(current);
     // Nothing was written: the end of the transaction only lets the snapshot go.
     let _ = conn.execute_batch("COMMIT");
     Some(outcomes)
