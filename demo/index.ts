@@ -172,6 +172,7 @@ async function main(): Promise<number> {
       opsPerSec: operations / elapsedS,
       p50: percentile(sorted, 50),
       p99: percentile(sorted, 99),
+      p99ByKind: tally.p99ByKind(),
       modelDevice: cache.device,
       predictions: tally.predictions,
       cacheHitRate: cache.stats().hitRate,

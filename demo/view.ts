@@ -149,6 +149,8 @@ export interface Report {
   opsPerSec: number
   p50: number
   p99: number
+  /** p99 of each kind of operation, ms. */
+  p99ByKind: { query: number; execute: number; transaction: number }
   modelDevice: string
   predictions: number
   cacheHitRate: number
@@ -173,6 +175,8 @@ export function printReport(r: Report, ctx: ViewContext): void {
   line('ops/s', r.opsPerSec.toFixed(1))
   line('latency p50', `${r.p50.toFixed(3)} ms`)
   line('latency p99', `${r.p99.toFixed(3)} ms`)
+  const k = r.p99ByKind
+  line('p99 by kind', `query ${k.query.toFixed(3)} ms, execute ${k.execute.toFixed(3)} ms, transaction ${k.transaction.toFixed(3)} ms`)
   line('model device', r.modelDevice)
   line('predictions', String(r.predictions))
   line('cache hit rate', `${(r.cacheHitRate * 100).toFixed(2)} %`)

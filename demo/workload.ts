@@ -26,11 +26,19 @@ export class Tally {
   lastSignal = new Map<string, number>()
   private all: number[] = []
   private recent: number[] = []
+  private byKind: Record<keyof Tally['ops'], number[]> = { query: [], execute: [], transaction: [] }
 
   record(kind: keyof Tally['ops'], ms: number): void {
     this.ops[kind]++
     this.all.push(ms)
     this.recent.push(ms)
+    this.byKind[kind].push(ms)
+  }
+
+  /** The 99th percentile of each kind's latencies over the run. */
+  p99ByKind(): Record<keyof Tally['ops'], number> {
+    const p99 = (v: number[]) => percentile([...v].sort((a, b) => a - b), 99)
+    return { query: p99(this.byKind.query), execute: p99(this.byKind.execute), transaction: p99(this.byKind.transaction) }
   }
 
   fail(err: unknown): void {

@@ -30,7 +30,7 @@ pub enum Validation {
 
 enum Dial {
     Postgres(Arc<postgres::connect::Connector>),
-    Sqlite(SqliteTarget),
+    Sqlite(SqliteTarget, Arc<sqlite::Checkpointer>),
     Redis(Box<::redis::Client>),
     RedisCluster(Box<::redis::cluster::ClusterClient>),
 }
@@ -58,9 +58,13 @@ impl Connector {
                     config.statement_timeout,
                 )?))
             }
-            Target::SqliteFile { path } => Dial::Sqlite(SqliteTarget::File(path.clone())),
+            Target::SqliteFile { path } => {
+                let target = SqliteTarget::File(path.clone());
+                Dial::Sqlite(target.clone(), sqlite::Checkpointer::new(target))
+            }
             Target::SqliteMemory => {
-                Dial::Sqlite(sqlite_memory.unwrap_or_else(SqliteTarget::memory))
+                let target = sqlite_memory.unwrap_or_else(SqliteTarget::memory);
+                Dial::Sqlite(target.clone(), sqlite::Checkpointer::new(target))
             }
             Target::RedisCluster { nodes } => Dial::RedisCluster(Box::new(cluster::client(
                 nodes,
@@ -87,11 +91,12 @@ impl Connector {
                 .connect(timeout)
                 .await
                 .map(|c| Backend::Postgres(Box::new(c))),
-            Dial::Sqlite(target) => sqlite::connect(
+            Dial::Sqlite(target, checkpointer) => sqlite::connect(
                 target,
                 self.config.acquire_timeout,
                 self.config.statement_cache,
                 self.config.statement_timeout,
+                checkpointer,
             )
             .await
             .map(Backend::Sqlite),
@@ -152,7 +157,7 @@ impl Connector {
                 let (sink, stream) = pubsub.split();
                 Ok(Session::Redis { sink, stream })
             }
-            Dial::Sqlite(_) => Err(Error::invalid_argument(
+            Dial::Sqlite(..) => Err(Error::invalid_argument(
                 "listen/notify need PostgreSQL or Redis; SQLite has no notifications",
             )),
             Dial::RedisCluster(_) => Err(Error::invalid_argument(
@@ -167,7 +172,7 @@ impl Connector {
             || match self.dial {
                 Dial::Postgres(_) => false,
                 Dial::Redis(_) | Dial::RedisCluster(_) => redis::is_permanent(err),
-                Dial::Sqlite(_) => true,
+                Dial::Sqlite(..) => true,
             }
     }
 

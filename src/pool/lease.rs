@@ -244,9 +244,10 @@ impl OrderedLease {
         self.ensure_running(&mut state);
     }
 
-    /// SQLite: runs a cheap read-only statement on the calling thread when nothing is queued
-    /// on this lease (an interrupt would roll back a write's whole transaction, so writes
-    /// always take the queue). `None`: use [`submit`](Self::submit).
+    /// SQLite: runs a cheap statement on the calling thread when nothing is queued on this
+    /// lease. A read is cut off at [`INLINE_LIMIT`]; a write in a transaction is not (that
+    /// would roll the whole transaction back): one that overran it is marked slow and takes
+    /// the queue from then on. `None`: use [`submit`](Self::submit).
     pub fn try_inline(
         &self,
         statement: &Statement,
@@ -256,7 +257,8 @@ impl OrderedLease {
             return None;
         };
         let profile = profiles.get(sql)?;
-        if !profile.is_cheap(lease_inline_max(self)) || profile.read_only != Some(true) {
+        // (Only SQLite says whether a statement reads only; no other backend runs here.)
+        if !profile.is_cheap(lease_inline_max(self)) || profile.read_only.is_none() {
             return None;
         }
         let state = self.state.lock();
@@ -271,7 +273,14 @@ impl OrderedLease {
             .ok()?
             .run_now(&statement.borrow(), Some(INLINE_LIMIT));
         match &outcome {
-            Some(_) => lease.shared.recorder.inline_statements.inc(),
+            // A write in a transaction is not cut off (see `SqliteConnection::run_now`): one
+            // that overran the bound runs off the thread from now on.
+            Some(_) => {
+                lease.shared.recorder.inline_statements.inc();
+                if tried.elapsed() >= INLINE_LIMIT {
+                    profiles.mark_slow(sql);
+                }
+            }
             None => profiles.given_up(sql, tried.elapsed()),
         }
         outcome
