@@ -721,8 +721,8 @@ impl Keyword {
     const MAX: usize = 12;
 
     pub(crate) fn as_str(&self) -> &str {
-        // ASCII letters only.
-        std::str::from_utf8(&self.letters[..self.len]).unwrap_or("")
+        // SAFETY: `leading_keyword` stores ASCII letters only, which are UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.letters[..self.len]) }
     }
 }
 
@@ -750,6 +750,54 @@ fn is_commit(sql: &str) -> bool {
 /// SQLite pragmas and attached databases. Read from the text, so it errs towards yes; it
 /// only keeps such statements out of shared pipelines and resets the session after them.
 pub(crate) fn changes_session(sql: &str) -> bool {
+    text_facts(sql).changes_session
+}
+
+/// What dispatch reads from a statement's text, several times per statement: kept for the
+/// texts seen last on this thread (hot statements repeat), found by comparing the text.
+#[derive(Clone, Copy)]
+struct TextFacts {
+    changes_session: bool,
+    transaction_control: bool,
+}
+
+/// Texts whose facts a thread keeps, and the longest kept.
+const FACTS_KEPT: usize = 8;
+const FACTS_TEXT_MAX: usize = 1024;
+
+thread_local! {
+    static FACTS: std::cell::RefCell<Vec<(Box<str>, TextFacts)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn text_facts(sql: &str) -> TextFacts {
+    let found = FACTS.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let i = kept.iter().position(|(text, _)| **text == *sql)?;
+        kept[..=i].rotate_right(1); // most recent first
+        Some(kept[0].1)
+    });
+    if let Some(facts) = found {
+        return facts;
+    }
+    let facts = TextFacts {
+        changes_session: changes_session_uncached(sql),
+        transaction_control: matches!(
+            leading_keyword(sql).0.as_str(),
+            "begin" | "start" | "savepoint" | "release" | "commit" | "end" | "abort" | "rollback"
+        ),
+    };
+    if sql.len() <= FACTS_TEXT_MAX {
+        FACTS.with(|kept| {
+            let mut kept = kept.borrow_mut();
+            kept.truncate(FACTS_KEPT - 1);
+            kept.insert(0, (sql.into(), facts));
+        });
+    }
+    facts
+}
+
+fn changes_session_uncached(sql: &str) -> bool {
     let (word, rest) = leading_keyword(sql);
     let keyword = matches!(
         word.as_str(),
@@ -795,10 +843,7 @@ pub(crate) fn changes_session(sql: &str) -> bool {
 /// Whether a statement opens, ends or steps within a transaction (BEGIN, COMMIT, SAVEPOINT
 /// …): such a statement never shares a pipeline. The state itself is read from the server.
 pub(crate) fn is_transaction_control(sql: &str) -> bool {
-    matches!(
-        leading_keyword(sql).0.as_str(),
-        "begin" | "start" | "savepoint" | "release" | "commit" | "end" | "abort" | "rollback"
-    )
+    text_facts(sql).transaction_control
 }
 
 fn skip_comments(mut text: &str) -> &str {
@@ -817,6 +862,31 @@ fn skip_comments(mut text: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn facts_kept_per_text_are_the_facts_of_that_text() {
+        // More texts than are kept, some of one length, asked in turn and again: each answer
+        // is the one its own text gives.
+        let texts: Vec<String> = (0..3 * FACTS_KEPT)
+            .flat_map(|i| {
+                [
+                    format!("select {i:03}"),
+                    format!("begin  {i:03}"),
+                    format!("set x={i:03}"),
+                ]
+            })
+            .collect();
+        for _ in 0..2 {
+            for t in texts.iter().chain(texts.iter().rev()) {
+                let word = leading_keyword(t).0;
+                assert_eq!(is_transaction_control(t), word == "begin", "{t}");
+                assert_eq!(changes_session(t), changes_session_uncached(t), "{t}");
+                assert_eq!(changes_session(t), word == "set", "{t}");
+            }
+        }
+        let long = format!("begin {}", "x".repeat(2 * FACTS_TEXT_MAX));
+        assert!(is_transaction_control(&long) && is_transaction_control(&long));
+    }
 
     #[test]
     fn transaction_control_is_recognised_past_comments() {
