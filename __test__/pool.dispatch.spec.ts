@@ -1,7 +1,7 @@
 // Cost-aware dispatch: cheap SQLite statements without a thread hop (and never once they are
 // slow), one SQLite writer under WAL, slow PostgreSQL statements kept out of shared pipelines,
 // and a spike served by warm connections without a connection storm.
-import { mkdtempSync, rmSync, statSync } from 'node:fs'
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 import { databaseUrl, describeWithPostgres, eventually, trackedPools } from './support/env'
@@ -270,6 +270,19 @@ describe('SQLite on the calling thread', () => {
     expect((await pool.query('select count(*) as c from t')).rows[0].c).toBe(n)
     expect(statSync(file).size).toBeGreaterThan(1 << 20)
     expect(maxWal).toBeLessThan(100 * 2 ** 20)
+    // The checkpoint thread (and its connection) ends with the pool.
+    const checkpointThreads = () =>
+      readdirSync('/proc/self/task').filter((t) => {
+        try {
+          return readFileSync(`/proc/self/task/${t}/comm`, 'utf8').startsWith('qm-sqlite-check')
+        } catch {
+          return false // the thread ended while we looked
+        }
+      }).length
+    if (process.platform !== 'linux') return // threads are counted from /proc
+    expect(checkpointThreads()).toBeGreaterThanOrEqual(1)
+    await pool.close()
+    await eventually(checkpointThreads, (count) => count === 0)
   })
 
   it('takes each grouped statement as it was when called: a reused params array, a Buffer changed later', async () => {

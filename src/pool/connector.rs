@@ -84,6 +84,13 @@ impl Connector {
         })
     }
 
+    /// The pool is closing: SQLite's checkpoint thread ends (and closes its connection).
+    pub fn close(&self) {
+        if let Dial::Sqlite(_, checkpointer) = &self.dial {
+            checkpointer.stop();
+        }
+    }
+
     /// One attempt to open a connection, bounded by `timeout`.
     pub async fn open(&self, timeout: Duration) -> Result<Connection> {
         let backend = match &self.dial {

@@ -103,6 +103,8 @@ pub(crate) struct PoolShared {
     hub: std::sync::OnceLock<Arc<listen::Hub>>,
     /// Keeps a `sqlite::memory:` database alive while the pool lives.
     _memory_anchor: Mutex<Option<sqlite::MemoryDatabase>>,
+    /// Opens the connections (and, for SQLite, owns the checkpoint thread).
+    connector: Arc<Connector>,
 }
 
 impl PoolShared {
@@ -246,6 +248,7 @@ impl Pool {
             runtime: runtime.clone(),
             hub: std::sync::OnceLock::new(),
             _memory_anchor: Mutex::new(anchor),
+            connector,
         });
         let weak = Arc::downgrade(&shared);
         recorder.set_gauges(move || weak.upgrade().map(|s| Pool { shared: s }.gauges()));
@@ -827,6 +830,7 @@ impl Pool {
         if let Some(hub) = self.shared.hub.get() {
             hub.close();
         }
+        self.shared.connector.close();
         self.shared._memory_anchor.lock().take();
         Ok(())
     }

@@ -188,10 +188,17 @@ impl Checkpointer {
     }
 }
 
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
+impl Checkpointer {
+    /// Ends the thread (its connection closes with it); later requests do nothing.
+    pub fn stop(&self) {
         self.wake.state.lock().stopped = true;
         self.wake.signal.notify_one();
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
