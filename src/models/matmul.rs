@@ -642,31 +642,26 @@ mod tests {
         (0..n).map(|i| ((i as f32 + seed) * 0.731).sin()).collect()
     }
 
-    #[test]
-    fn every_edge_of_the_blocking_matches_a_float64_reference() {
-        for &(rows, cols, depth) in &[
-            (1, 1, 1),
-            (1, 9, 7),
-            (2, 5, 8),
-            (3, 4, 16),
-            (4, 13, 17),
-            (7, 33, 64),
-            (11, 70, 300),
-            (5, 1, 4099),
-        ] {
+    /// Runs `kernel` over `shapes` with strided rows and outputs, accumulating and not, and
+    /// checks each output against a float64 reference and the stride's gaps untouched.
+    fn against_reference(
+        shapes: &[(usize, usize, usize)],
+        mut kernel: impl FnMut(Shape, &[f32], &[f32], &mut [f32], bool),
+    ) {
+        for &(rows, cols, depth) in shapes {
             for accumulate in [false, true] {
                 let s = Shape {
                     rows,
                     cols,
                     depth,
                     lhs_stride: depth + 3,
-                    dst_stride: cols + 2,
+                    dst_stride: cols + 5,
                 };
                 let lhs = values(rows * s.lhs_stride, 1.0);
                 let w = values(cols * depth, 2.0);
                 let start = values(rows * s.dst_stride, 3.0);
                 let (mut ours, mut want) = (start.clone(), start.clone());
-                matmul(s, &lhs, &w, &mut ours, accumulate, false);
+                kernel(s, &lhs, &w, &mut ours, accumulate);
                 reference(s, &lhs, &w, &mut want, accumulate);
                 for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
                     let tol = 1e-5 * (depth as f32).sqrt() * b.abs().max(1.0);
@@ -675,8 +670,29 @@ mod tests {
                         "{rows}×{cols}×{depth} acc={accumulate} [{i}]: {a} vs {b}"
                     );
                 }
+                for r in 0..rows {
+                    let gap = r * s.dst_stride + cols..(r + 1) * s.dst_stride;
+                    assert_eq!(ours[gap.clone()], start[gap], "row {r}'s gap");
+                }
             }
         }
+    }
+
+    #[test]
+    fn every_edge_of_the_blocking_matches_a_float64_reference() {
+        let shapes = [
+            (1, 1, 1),
+            (1, 9, 7),
+            (2, 5, 8),
+            (3, 4, 16),
+            (4, 13, 17),
+            (7, 33, 64),
+            (11, 70, 300),
+            (5, 1, 4099),
+        ];
+        against_reference(&shapes, |s, lhs, w, dst, acc| {
+            matmul(s, lhs, w, dst, acc, false)
+        });
     }
 
     #[test]
@@ -729,7 +745,7 @@ mod tests {
         if Packed::new(&values(64, 0.0), 64, 1).is_none() {
             return; // no AVX-512 here: the dot-product kernel runs every layer
         }
-        for &(rows, cols, depth) in &[
+        let shapes = [
             (1, 64, 1),
             (1, 200, 33),
             (2, 64, 64),
@@ -738,36 +754,11 @@ mod tests {
             (7, 77, 256),
             (13, 300, 40),
             (4, 64, 5000),
-        ] {
-            for accumulate in [false, true] {
-                let s = Shape {
-                    rows,
-                    cols,
-                    depth,
-                    lhs_stride: depth + 3,
-                    dst_stride: cols + 5,
-                };
-                let lhs = values(rows * s.lhs_stride, 1.0);
-                let w = values(cols * depth, 2.0);
-                let packed = Packed::new(&w, cols, depth).expect("packed");
-                let start = values(rows * s.dst_stride, 3.0);
-                let (mut ours, mut want) = (start.clone(), start.clone());
-                matmul_packed(s, &lhs, &packed, &mut ours, accumulate, Epilogue::default());
-                reference(s, &lhs, &w, &mut want, accumulate);
-                for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
-                    let tol = 1e-5 * (depth as f32).sqrt() * b.abs().max(1.0);
-                    assert!(
-                        (a - b).abs() <= tol,
-                        "{rows}×{cols}×{depth} acc={accumulate} [{i}]: {a} vs {b}"
-                    );
-                }
-                // Nothing outside the outputs is touched: the stride's gap keeps its values.
-                for r in 0..rows {
-                    let gap = r * s.dst_stride + cols..(r + 1) * s.dst_stride;
-                    assert_eq!(ours[gap.clone()], start[gap], "row {r}'s gap");
-                }
-            }
-        }
+        ];
+        against_reference(&shapes, |s, lhs, w, dst, acc| {
+            let packed = Packed::new(w, s.cols, s.depth).expect("packed");
+            matmul_packed(s, lhs, &packed, dst, acc, Epilogue::default());
+        });
     }
 
     #[test]

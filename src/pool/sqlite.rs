@@ -960,28 +960,26 @@ impl SqliteConnection {
 mod tests {
     use super::*;
 
+    /// A connection as a pool opens one (1 s busy timeout, statement cache, no timeout).
+    async fn connect_to(target: &SqliteTarget) -> SqliteConnection {
+        let checkpointer = Checkpointer::new(target.clone());
+        connect(
+            target,
+            Duration::from_secs(1),
+            true,
+            Duration::ZERO,
+            &checkpointer,
+        )
+        .await
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn memory_database_is_shared_by_the_pools_connections() {
         let target = SqliteTarget::memory();
         let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
-        let a = connect(
-            &target,
-            Duration::from_secs(1),
-            true,
-            Duration::ZERO,
-            &Checkpointer::new(target.clone()),
-        )
-        .await
-        .unwrap();
-        let b = connect(
-            &target,
-            Duration::from_secs(1),
-            true,
-            Duration::ZERO,
-            &Checkpointer::new(target.clone()),
-        )
-        .await
-        .unwrap();
+        let a = connect_to(&target).await;
+        let b = connect_to(&target).await;
         a.execute("create table t(x integer)", &[]).await.unwrap();
         a.execute("insert into t values (?1)", &[Value::Int(7)])
             .await
@@ -990,15 +988,7 @@ mod tests {
         assert_eq!(r.rows, vec![&[Value::Int(7)]]);
         let elsewhere = SqliteTarget::memory();
         let _other_db = MemoryDatabase::create(&elsewhere, Duration::from_secs(1)).unwrap();
-        let other = connect(
-            &elsewhere,
-            Duration::from_secs(1),
-            true,
-            Duration::ZERO,
-            &Checkpointer::new(elsewhere.clone()),
-        )
-        .await
-        .unwrap();
+        let other = connect_to(&elsewhere).await;
         assert!(other.query("select x from t", &[]).await.is_err());
     }
 
@@ -1006,15 +996,7 @@ mod tests {
     async fn transaction_state_and_errors_are_reported() {
         let target = SqliteTarget::memory();
         let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
-        let c = connect(
-            &target,
-            Duration::from_secs(1),
-            true,
-            Duration::ZERO,
-            &Checkpointer::new(target.clone()),
-        )
-        .await
-        .unwrap();
+        let c = connect_to(&target).await;
         c.execute("begin", &[]).await.unwrap();
         assert_eq!(c.in_transaction(), Some(true));
         c.rollback().await.unwrap();
