@@ -239,6 +239,32 @@ describe('SQLite on the calling thread', () => {
     expect(inline(pool) - before).toBe(2) // BEGIN and COMMIT only
   })
 
+  it("waits for another connection's write lock in a lease's transaction instead of failing", async () => {
+    const url = `sqlite:${path.join(dir, 'txlocked.db')}`
+    const pool = open({ url, maxSize: 2, inlineMicros: 2000 })
+    await pool.execute('create table t(v integer)')
+    const lease = await pool.acquire()
+    for (let i = 0; i < 3; i++) await lease.execute('insert into t(v) values ($1)', [i]) // learnt: cheap
+    // Another pool on the file holds the write lock for 200 ms.
+    const other = open({ url, maxSize: 1 })
+    let holding!: () => void
+    const held = new Promise<void>((resolve) => (holding = resolve))
+    const otherTx = other.transaction(async (tx) => {
+      await tx.execute('insert into t(v) values (100)')
+      holding()
+      await new Promise((resolve) => setTimeout(resolve, 200))
+    })
+    await held
+    // Inside a transaction the insert meets the lock at once on the calling thread: it must
+    // wait for it off the thread, not fail with SQLITE_BUSY.
+    await lease.execute('begin')
+    await expect(lease.execute('insert into t(v) values ($1)', [7])).resolves.toMatchObject({ rowCount: 1 })
+    await lease.execute('commit')
+    lease.release()
+    await otherTx
+    expect((await pool.query('select count(*) as c from t')).rows[0].c).toBe(5)
+  })
+
   it('checkpoints off the calling thread and keeps the WAL bounded under writers and readers that never pause', async () => {
     const checkpointThreads = () =>
       process.platform !== 'linux'

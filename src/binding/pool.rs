@@ -707,9 +707,10 @@ const EXECUTE_SYNC: u8 = 3;
 /// does on every method call (the receiver's unwrap and type-tag check, the borrow scope):
 /// about a third of a cheap SQLite statement's cost outside SQLite.
 ///
-/// Each function holds `target`'s address. wrappers.js keeps them only in a `WeakMap` keyed
-/// by the JavaScript object that owns `target`: no other code can reach them, and they are
-/// unreachable once that object is, so `target` outlives every call.
+/// Each function holds `target`'s address. wrappers.js takes `_bare` off the prototypes at
+/// load and keeps what it makes only in a `WeakMap` keyed by the JavaScript object that owns
+/// `target`: no other code can reach the functions, and they are unreachable once that object
+/// is, so `target` outlives every call.
 fn bare_functions<'e, R: Runner + 'static>(env: &'e Env, target: &R) -> napi::Result<Object<'e>> {
     let data = (target as *const R).cast_mut().cast::<std::ffi::c_void>();
     let mut functions = Object::new(env)?;

@@ -2,7 +2,6 @@
 //! path to one call per cell.
 
 use std::ptr;
-use std::sync::Arc;
 
 use napi::bindgen_prelude::{ToNapiValue, TypeName, ValidateNapiValue};
 use napi::{sys, Env, JsValue, ValueType};
@@ -562,53 +561,6 @@ const SHAPER_ARGS: usize = 64;
 struct Shaper {
     env: sys::napi_env,
     function: sys::napi_ref,
-    /// The key strings of the column lists seen last, each with the list it was made for
-    /// (held, so its address is not reused): the same JavaScript string again, whose hash
-    /// V8 keeps, instead of a new one to build and hash on every result.
-    keys: Vec<(Arc<[String]>, sys::napi_ref)>,
-    /// The slot the next new key replaces.
-    next_key: usize,
-}
-
-/// Column lists whose key strings a thread keeps.
-const KEYS_KEPT: usize = 8;
-
-/// The key string of `columns` ([`shape_key`]), kept for the lists seen last.
-fn key_to_js(env: sys::napi_env, columns: &Arc<[String]>) -> napi::Result<Raw> {
-    let kept = SHAPER.with(|s| {
-        let s = s.borrow();
-        let shaper = s.as_ref().filter(|s| s.env == env)?;
-        let (_, reference) = shaper.keys.iter().find(|(c, _)| Arc::ptr_eq(c, columns))?;
-        let mut key = ptr::null_mut();
-        let status = unsafe { sys::napi_get_reference_value(env, *reference, &mut key) };
-        (status == sys::Status::napi_ok && !key.is_null()).then_some(key)
-    });
-    if let Some(key) = kept {
-        return Ok(key);
-    }
-    let key = string_to_js(env, &shape_key(columns))?;
-    SHAPER.with(|s| {
-        let mut s = s.borrow_mut();
-        let Some(shaper) = s.as_mut().filter(|s| s.env == env) else {
-            return;
-        };
-        let mut reference = ptr::null_mut();
-        if unsafe { sys::napi_create_reference(env, key, 1, &mut reference) }
-            != sys::Status::napi_ok
-        {
-            return;
-        }
-        let entry = (Arc::clone(columns), reference);
-        if shaper.keys.len() < KEYS_KEPT {
-            shaper.keys.push(entry);
-        } else {
-            let slot = shaper.next_key % KEYS_KEPT;
-            let (_, old) = std::mem::replace(&mut shaper.keys[slot], entry);
-            unsafe { sys::napi_delete_reference(env, old) };
-            shaper.next_key = slot + 1;
-        }
-    });
-    Ok(key)
 }
 
 thread_local! {
@@ -641,15 +593,10 @@ pub(crate) fn set_shaper(env: sys::napi_env, function: Raw) -> napi::Result<()> 
         s.borrow_mut().replace(Shaper {
             env,
             function: reference,
-            keys: Vec::new(),
-            next_key: 0,
         })
     });
     if let Some(old) = previous.filter(|old| old.env == env) {
         unsafe { sys::napi_delete_reference(env, old.function) };
-        for (_, key) in old.keys {
-            unsafe { sys::napi_delete_reference(env, key) };
-        }
         return Ok(());
     }
     check(
@@ -684,7 +631,7 @@ impl ToNapiValue for Packed {
         if 3 + cells <= SHAPER_ARGS {
             if let Some(function) = shaper(env) {
                 let mut args = [ptr::null_mut(); SHAPER_ARGS];
-                args[0] = key_to_js(env, &r.columns)?;
+                args[0] = string_to_js(env, &shape_key(&r.columns))?;
                 for (i, n) in [(1, r.row_count as f64), (2, r.rows.len() as f64)] {
                     check(
                         unsafe { sys::napi_create_double(env, n, &mut args[i]) },
@@ -731,7 +678,7 @@ impl ToNapiValue for Packed {
                 "packed cell",
             )
         };
-        set(0, key_to_js(env, &r.columns)?)?;
+        set(0, string_to_js(env, &shape_key(&r.columns))?)?;
         for (i, n) in [(1, r.row_count as f64), (2, r.rows.len() as f64)] {
             let mut number = ptr::null_mut();
             check(

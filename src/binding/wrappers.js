@@ -220,12 +220,20 @@
 
   // Each pool's and lease's bare functions (src/binding/pool.rs `bare_functions`): its
   // query, execute, querySync and executeSync of (sql, params) without napi-rs's per-call
-  // work. Kept only here, so no other code reaches them and they go with their object.
+  // work. They hold the native object's address, so they must never outlive it: `_bare` is
+  // taken off the prototypes here, and what it makes is kept only in this WeakMap, keyed by
+  // its object — no other code can reach it, and it goes with its object.
   const bareFunctions = new WeakMap()
+  const makeBare = new Map()
+  for (const cls of [ConnectionPool, PooledConnection]) {
+    makeBare.set(cls, cls.prototype._bare)
+    delete cls.prototype._bare
+  }
   function bareOf(self) {
     let bare = bareFunctions.get(self)
     if (bare === undefined) {
-      bare = self._bare()
+      const make = makeBare.get(self instanceof PooledConnection ? PooledConnection : ConnectionPool)
+      bare = make.call(self) // napi-rs checks that `self` is one of its objects
       bareFunctions.set(self, bare)
     }
     return bare

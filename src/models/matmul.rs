@@ -1,16 +1,19 @@
 //! `dst (+)= lhs · wᵀ` with `w` row-major `[cols, depth]`, PyTorch's `nn.Linear` layout.
 //!
-//! Three kernels, chosen per layer and CPU, never per batch:
+//! Three kernels, chosen per layer and CPU (the one exception: `wide`, below):
 //! - AVX-512F, a layer of at least 64 outputs: an outer-product kernel over a packed copy of the
 //!   weights ([`Packed`], panels of 16 outputs made once at load): 6 rows × 64 outputs at a time
 //!   (1 × 128 for a single row), each output one multiply-add chain over the depth in order.
 //! - AVX2 and FMA: a register-blocked dot-product kernel reading the weights in place (from the
 //!   file mapping, too): 3 rows × 4 outputs at a time (1 × 8 for a single row), 8 lanes over the
 //!   depth, weights tiled to stay in L1 and input rows blocked to stay in L2.
-//! - Elsewhere, the `gemm` crate.
+//! - Elsewhere, the `gemm` crate; also for `wide` calls (a layer of 2²¹ or more
+//!   multiply-adds in a batch too small to split across threads, which then uses rayon's pool
+//!   by itself).
 //!
 //! Within either of our kernels every output is summed in the same order whatever the batch or
-//! the blocking, so a sample's result does not depend on the batch it came in.
+//! the blocking, so a sample's result does not depend on the batch it came in — except where a
+//! `wide` call at one batch size and our kernel at another meet (such layers only).
 
 use gemm::Parallelism;
 
@@ -168,8 +171,7 @@ const PACK_MIN_COLS: usize = 64;
 impl Packed {
     /// The packed copy of `w`, or `None` where the AVX-512 kernel does not run (no AVX-512F,
     /// fewer than [`PACK_MIN_COLS`] outputs, or no memory for the copy). The choice depends on
-    /// the layer and the CPU only, never on the batch: a sample's sums stay the same whatever
-    /// batch it comes in.
+    /// the layer and the CPU only, never on the batch.
     pub fn new(w: &[f32], cols: usize, depth: usize) -> Option<Packed> {
         #[cfg(target_arch = "x86_64")]
         if avx512::available() && cols >= PACK_MIN_COLS && depth > 0 && w.len() >= cols * depth {

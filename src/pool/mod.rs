@@ -553,6 +553,11 @@ impl Pool {
                 s.recorder.gets.inc();
                 s.recorder.successful_gets.inc();
                 s.recorder.inline_statements.inc();
+                // A write not cut off (see `SqliteConnection::run_now`) that overran the bound
+                // runs off the thread from now on.
+                if tried.elapsed() >= profile::INLINE_LIMIT {
+                    s.profiles.mark_slow(sql);
+                }
                 Some(done)
             }
             None => {

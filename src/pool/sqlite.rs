@@ -11,8 +11,8 @@ use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 
 use crate::error::{Error, ErrorCode, Phase, Result};
-use crate::pool::connection::leading_keyword;
 use crate::pool::connection::Outcome;
+use crate::pool::connection::{is_transaction_control, leading_keyword};
 use crate::pool::value::{timestamp_to_iso, ExecuteResult, QueryResult, Value};
 
 /// Largest integer JavaScript holds exactly; larger SQLite integers become `bigint`.
@@ -208,6 +208,7 @@ const ROUND_GAP: Duration = Duration::from_millis(10);
 fn checkpoint_loop(target: &SqliteTarget, wake: &Wake) {
     let mut conn: Option<Connection> = None;
     let mut last: Option<Instant> = None;
+    let (mut restart_at, mut backoff) = (Instant::now(), RESTART_BACKOFF);
     loop {
         {
             let mut state = wake.state.lock();
@@ -229,8 +230,14 @@ fn checkpoint_loop(target: &SqliteTarget, wake: &Wake) {
             conn = open(target, RESTART_WAIT, false).ok();
         }
         if let Some(c) = &conn {
-            if checkpoint(c).is_err() {
-                conn = None; // opened again on the next request
+            match checkpoint(c, Instant::now() >= restart_at) {
+                Ok(Some(true)) => backoff = RESTART_BACKOFF,
+                Ok(Some(false)) => {
+                    restart_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+                }
+                Ok(None) => {}
+                Err(_) => conn = None, // opened again on the next request
             }
         }
         last = Some(Instant::now());
@@ -252,18 +259,28 @@ const RESTART_WAIT: Duration = Duration::from_millis(100);
 /// from its beginning again, and `journal_size_limit` cuts the file back. (SQLite's own
 /// checkpoint, in the committing writer, kept the log at 4 MiB for writers alone but let it
 /// grow past 160 MiB in those 5 s with readers.)
-fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+/// `may_restart`: whether a RESTART may be tried this round. `Ok(Some(done))` when one was:
+/// `false` when a reader kept it from finishing (it waited [`RESTART_WAIT`] for nothing).
+fn checkpoint(conn: &Connection, may_restart: bool) -> rusqlite::Result<Option<bool>> {
+    // Each row: (blocked, frames in the log, frames checkpointed).
     let run = |mode: &str| -> rusqlite::Result<(i64, i64)> {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-            Ok((r.get(1)?, r.get(2)?))
+            Ok((r.get(0)?, r.get(1)?))
         })
     };
-    let (log, _) = run("PASSIVE")?;
-    if log >= RESTART_PAGES {
-        run("RESTART")?;
+    let (_, log) = run("PASSIVE")?;
+    if !may_restart || log < RESTART_PAGES {
+        return Ok(None);
     }
-    Ok(())
+    let (blocked, _) = run("RESTART")?;
+    Ok(Some(blocked == 0))
 }
+
+/// After a RESTART a reader kept from finishing, the next waits this long, doubling up to
+/// [`RESTART_BACKOFF_MAX`]: a read that holds an old snapshot for seconds (a cursor) must not
+/// have writers held back for most of that time.
+const RESTART_BACKOFF: Duration = Duration::from_millis(100);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(32);
 
 pub async fn connect(
     target: &SqliteTarget,
@@ -523,7 +540,34 @@ fn run_execute(
     params: &[Value],
     notes: &Notes,
 ) -> Result<ExecuteResult> {
-    let rowid_before = conn.last_insert_rowid();
+    let (rowid_before, total_before) = (conn.last_insert_rowid(), conn.total_changes());
+    match execute_once(conn, sql, params, notes, rowid_before) {
+        // SQLite asks the progress handler once more as a statement returns, after an
+        // autocommit statement's COMMIT: interrupted then, it took effect all the same (in a
+        // stress run it was counted as cut off and run again: a row twice). What it changed
+        // says which: a statement cut off earlier was rolled back and changed nothing.
+        Err(e) if interrupted(&e) && conn.is_autocommit() => {
+            let changed = conn.total_changes().saturating_sub(total_before);
+            if changed == 0 {
+                return Err(e);
+            }
+            let rowid = conn.last_insert_rowid();
+            Ok(ExecuteResult {
+                row_count: changed,
+                last_insert_id: (rowid != rowid_before || is_insert(sql)).then_some(rowid),
+            })
+        }
+        other => other,
+    }
+}
+
+fn execute_once(
+    conn: &Connection,
+    sql: &str,
+    params: &[Value],
+    notes: &Notes,
+    rowid_before: i64,
+) -> Result<ExecuteResult> {
     let mut stmt = conn.prepare_cached(sql).map_err(query_error)?;
     note_read_only(&stmt, notes);
     let bound: Vec<Param<'_>> = params.iter().map(Param).collect();
@@ -803,10 +847,14 @@ impl SqliteConnection {
     /// statementTimeoutMs). `None`: the limit cut it off — SQLite rolled the statement back,
     /// so it had no effect and may run again elsewhere.
     ///
-    /// Inside an open transaction a statement that writes is never cut off at `limit`: SQLite
-    /// would roll the whole transaction back. It runs to the end (within
-    /// statementTimeoutMs when set, the user's own bound); the caller sees from its running
-    /// time whether it overran `limit` and keeps it off the thread from then on.
+    /// A statement that writes is cut off at `limit` only when it runs on its own (autocommit)
+    /// for its effect: inside an open transaction SQLite would roll the whole transaction
+    /// back, and a write returning rows (`RETURNING`) would lose them if cut off as it ends.
+    /// BEGIN, COMMIT and the like are never cut off: SQLite asks the progress handler once
+    /// more as a statement returns, so a COMMIT "interrupted" there has committed.
+    /// Such a write runs to the end (within statementTimeoutMs when set, the user's own
+    /// bound); the caller sees from its running time whether it overran `limit` and keeps it
+    /// off the thread from then on.
     pub fn run_now(
         &self,
         sql: &str,
@@ -816,8 +864,11 @@ impl SqliteConnection {
     ) -> Option<Result<Outcome>> {
         let conn = self.conn.lock();
         let _never_wait = limit.map(|_| NeverWait::new(&conn, self.busy_timeout));
-        let limit = limit.filter(|_| conn.is_autocommit() || !writes(&conn, sql));
-        let bound = limit.or(self.statement_timeout);
+        let cut_off = limit.filter(|_| {
+            !is_transaction_control(sql)
+                && (!writes(&conn, sql) || (!query && conn.is_autocommit()))
+        });
+        let bound = cut_off.or(self.statement_timeout);
         if let Some(b) = bound {
             self.deadline
                 .store(micros_since_epoch(Instant::now() + b), Ordering::Relaxed);
@@ -831,8 +882,13 @@ impl SqliteConnection {
             self.deadline.store(0, Ordering::Relaxed);
         }
         match outcome {
-            // Cut off, or locked out by another connection: no effect; run it off the thread.
-            Err(e) if limit.is_some() && (interrupted(&e) || busy(&e)) => None,
+            // Locked out by another connection (inside a transaction too): no effect; run it
+            // off the thread, where it waits for the lock.
+            Err(e) if limit.is_some() && busy(&e) => None,
+            // Cut off at `limit`: SQLite rolled the statement back; run it off the thread. (A
+            // write in a transaction is never cut off here: an interrupt there is
+            // statementTimeoutMs, and it rolled the whole transaction back.)
+            Err(e) if cut_off.is_some() && interrupted(&e) => None,
             Err(e) if e.sqlstate.as_deref() == Some("SQLITE_9") => {
                 let ms = bound.map_or(0.0, |b| b.as_secs_f64() * 1000.0);
                 let mut err = Error::new(
@@ -990,6 +1046,75 @@ mod tests {
         let _other_db = MemoryDatabase::create(&elsewhere, Duration::from_secs(1)).unwrap();
         let other = connect_to(&elsewhere).await;
         assert!(other.query("select x from t", &[]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_interrupt_as_a_statement_returns_after_its_commit_is_reported_as_done() {
+        let target = SqliteTarget::memory();
+        let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
+        let c = connect_to(&target).await;
+        c.execute("create table t(x integer)", &[]).await.unwrap();
+        let conn = c.conn.lock();
+        let rows = |conn: &Connection| -> i64 {
+            conn.query_row("select count(*) from t", [], |r| r.get(0))
+                .unwrap()
+        };
+        // A deadline long past: every progress check (each thousand VM steps, counted over
+        // the cached statement's runs) interrupts — sometimes mid-statement, sometimes as it
+        // returns, after its COMMIT. Whatever run_execute says must be what the table holds.
+        let (mut done, mut cut_off) = (0, 0);
+        for i in 0..3000 {
+            let before = rows(&conn);
+            c.deadline.store(1, Ordering::Relaxed);
+            let outcome = run_execute(
+                &conn,
+                "insert into t values (?1)",
+                &[Value::Int(i)],
+                &c.notes,
+            );
+            c.deadline.store(0, Ordering::Relaxed);
+            match outcome {
+                Ok(r) => {
+                    assert_eq!((r.row_count, rows(&conn)), (1, before + 1), "run {i}");
+                    done += 1;
+                }
+                Err(e) => {
+                    assert!(interrupted(&e), "run {i}: {e:?}");
+                    assert_eq!(
+                        rows(&conn),
+                        before,
+                        "run {i}: reported cut off, yet inserted"
+                    );
+                    cut_off += 1;
+                }
+            }
+        }
+        assert!(done > 0 && cut_off > 0, "{done} done, {cut_off} cut off");
+    }
+
+    #[tokio::test]
+    async fn begin_and_commit_on_the_calling_thread_are_never_cut_off_after_taking_effect() {
+        let target = SqliteTarget::memory();
+        let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
+        let c = connect_to(&target).await;
+        c.execute("create table t(x integer)", &[]).await.unwrap();
+        // A limit of zero cuts off any statement at its first progress check; BEGIN and
+        // COMMIT (cached, their VM steps counted over thousands of runs) must not be, or a
+        // COMMIT that took effect would be reported as not run and sent again.
+        let now = |sql: &str, params: &[Value]| c.run_now(sql, params, false, Some(Duration::ZERO));
+        for i in 0..3000 {
+            let begun = now("BEGIN IMMEDIATE", &[]).expect("BEGIN run");
+            assert!(begun.is_ok(), "run {i}: {begun:?}");
+            let inserted = now("insert into t values (?1)", &[Value::Int(i)]).expect("insert run");
+            assert!(inserted.is_ok(), "run {i}: {inserted:?}");
+            let committed = now("COMMIT", &[]).expect("COMMIT run");
+            assert!(committed.is_ok(), "run {i}: {committed:?}");
+        }
+        let conn = c.conn.lock();
+        let rows: i64 = conn
+            .query_row("select count(*) from t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 3000);
     }
 
     #[tokio::test]
