@@ -162,6 +162,10 @@ describe('ConnectionPool on SQLite', () => {
       expect(() => on.querySync({} as any)).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT' }))
       expect(() => on.executeSync(null as any)).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT' }))
       expect(on.querySync('select 1 as x').rows).toEqual([{ x: 1 }])
+      // The functions behind these calls hold the native object's address: no code outside the
+      // addon can get hold of them (and so call one after its object is gone).
+      expect((on as any)._bare).toBeUndefined()
+      expect(Object.getOwnPropertySymbols(on).map((s) => (on as any)[s]).filter((v) => typeof v === 'object' && v && 'querySync' in v)).toEqual([])
     }
     lease.release()
     await pool.close()
