@@ -864,19 +864,35 @@ impl SqliteConnection {
     ) -> Option<Result<Outcome>> {
         let conn = self.conn.lock();
         let _never_wait = limit.map(|_| NeverWait::new(&conn, self.busy_timeout));
-        let cut_off = limit.filter(|_| {
-            !is_transaction_control(sql)
-                && (!writes(&conn, sql) || (!query && conn.is_autocommit()))
-        });
-        let bound = cut_off.or(self.statement_timeout);
-        if let Some(b) = bound {
-            self.deadline
-                .store(micros_since_epoch(Instant::now() + b), Ordering::Relaxed);
-        }
-        let outcome = if query {
-            run_query(&conn, sql, params, &self.notes).map(Outcome::Rows)
+        // The deadline for a statement cut off at `cut_off` (else statementTimeoutMs).
+        let arm = |cut_off: Option<Duration>| {
+            let bound = cut_off.or(self.statement_timeout);
+            if let Some(b) = bound {
+                self.deadline
+                    .store(micros_since_epoch(Instant::now() + b), Ordering::Relaxed);
+            }
+            bound
+        };
+        let control = is_transaction_control(sql);
+        let (cut_off, bound, outcome) = if query {
+            // Prepared once, here: whether it only reads decides the cut-off.
+            match conn.prepare_cached(sql) {
+                Err(e) => (None, None, Err(query_error(e))),
+                Ok(mut stmt) => {
+                    let cut_off = limit.filter(|_| !control && stmt.readonly());
+                    let bound = arm(cut_off);
+                    let rows = query_on(&conn, &mut stmt, sql, params, &self.notes, &mut None);
+                    (cut_off, bound, rows.map(Outcome::Rows))
+                }
+            }
         } else {
-            run_execute(&conn, sql, params, &self.notes).map(Outcome::Done)
+            // An autocommit write is cut off (see `run_execute` for one cut off as it ends);
+            // inside a transaction only one that does not write.
+            let cut_off =
+                limit.filter(|_| !control && (conn.is_autocommit() || !writes(&conn, sql)));
+            let bound = arm(cut_off);
+            let done = run_execute(&conn, sql, params, &self.notes);
+            (cut_off, bound, done.map(Outcome::Done))
         };
         if bound.is_some() {
             self.deadline.store(0, Ordering::Relaxed);
