@@ -64,6 +64,60 @@ describe('ConnectionPool on SQLite', () => {
     await pool.close()
   })
 
+  it('keeps repeated reads prepared without changing what they return or see', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'qm-kept-'))
+    const url = `sqlite:${path.join(dir, 'kept.db')}`
+    const pool = new ConnectionPool({ url, maxSize: 2 })
+    const other = new ConnectionPool({ url, maxSize: 1 })
+    try {
+      // Every kind of parameter, each text run twice (the second run reuses the prepared
+      // statement): the same values back.
+      const echo = 'select $1 as v'
+      const values: unknown[] = [null, 42, -7, 1.5, 'a\u0000b', 'é€𝄞', Buffer.from([0, 1, 255]), 2n ** 60n, 9007199254740993n]
+      for (const v of values) {
+        for (let round = 0; round < 2; round++) {
+          const got = pool.querySync(echo, [v]).rows[0].v
+          if (Buffer.isBuffer(v)) expect(Buffer.from(got as Uint8Array)).toEqual(v)
+          else expect(got).toEqual(v)
+        }
+      }
+      expect(pool.querySync(echo, [true]).rows[0].v).toBe(1)
+      expect(pool.querySync(echo, [new Date(0)]).rows[0].v).toBe('1970-01-01T00:00:00.000Z')
+      // The wrong number of parameters is refused, and the statement still serves after it.
+      for (const params of [[], [1, 2], undefined]) {
+        expect(() => pool.querySync(echo, params)).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT', message: expect.stringContaining('parameter') }))
+      }
+      expect(pool.querySync(echo, [3]).rows).toEqual([{ v: 3 }])
+      // A read failing as it runs leaves the statement ready for the next call.
+      const field = "select json_extract($1, '$.a') as a"
+      expect(pool.querySync(field, ['{"a": 1}']).rows).toEqual([{ a: 1 }])
+      expect(() => pool.querySync(field, ['{nope'])).toThrow(expect.objectContaining({ code: 'QUERY_FAILED' }))
+      expect(pool.querySync(field, ['{"a": 2}']).rows).toEqual([{ a: 2 }])
+      // Up to 16 parameters go spread, more as one array: both are bound in order.
+      for (const n of [15, 16, 17, 40]) {
+        const sum = `select ${Array.from({ length: n }, (_, i) => `$${i + 1} * ${i + 1}`).join(' + ')} as s`
+        const params = Array.from({ length: n }, (_, i) => i + 1)
+        expect(pool.querySync(sum, params).rows[0].s).toBe(params.reduce((a, i) => a + i * i, 0))
+      }
+      // Each read sees what another connection committed just before it: a kept statement
+      // holds no snapshot between calls.
+      await pool.execute('create table fills(id integer primary key, qty integer)')
+      const count = 'select count(*) as n from fills'
+      for (let i = 1; i <= 20; i++) {
+        await other.execute('insert into fills(qty) values ($1)', [i])
+        expect(pool.querySync(count).rows).toEqual([{ n: i }])
+        expect((await pool.query(count)).rows).toEqual([{ n: i }])
+      }
+      // More texts than a connection keeps prepared: the oldest start over, still right.
+      for (let k = 0; k < 150; k++) expect(pool.querySync(`select ${k} as k, $1 as v`, [k]).rows).toEqual([{ k, v: k }])
+      expect(pool.querySync(echo, [5]).rows).toEqual([{ v: 5 }])
+    } finally {
+      await other.close()
+      await pool.close()
+      rmSync(dir, { recursive: true, force: true })
+    }
+  })
+
   it('survives the addon loaded twice into one process', () => {
     // Each load is its own napi environment in the same Node environment: a per-load cleanup
     // hook registered twice with the same arguments would abort Node.

@@ -47,29 +47,56 @@ async function sqlite(): Promise<void> {
     db.pragma('synchronous = NORMAL')
     const get = db.prepare('select sym, px from quotes where id = ?')
     const put = db.prepare('insert into fills(sym, qty) values (?, ?)')
-    for (let i = 0; i < 2000; i++) get.get((i % 10_000) + 1)
-    let t = performance.now()
-    for (let i = 0; i < reads; i++) get.get((i % 10_000) + 1)
-    const peerRead = rate(reads, performance.now() - t)
-    t = performance.now()
-    for (let i = 0; i < writes; i++) put.run('BTC', i)
-    const peerWrite = rate(writes, performance.now() - t)
-    db.close()
-
     const pool = new ConnectionPool({ url: `sqlite:${file}`, maxSize: 4, name: 'bench-sqlite' })
     const read = 'select sym, px from quotes where id = $1'
     const write = 'insert into fills(sym, qty) values ($1, $2)'
-    for (let i = 0; i < 2000; i++) await pool.query(read, [(i % 10_000) + 1]) // learn the statement, warm
-    const inline0 = pool.metrics().inlineStatements
+    for (let i = 0; i < 2000; i++) {
+      get.get((i % 10_000) + 1)
+      await pool.query(read, [(i % 10_000) + 1]) // learn the statement, warm
+      pool.querySync(read, [(i % 10_000) + 1])
+    }
 
-    t = performance.now()
-    for (let i = 0; i < reads; i++) await pool.query(read, [(i % 10_000) + 1])
-    const awaited = rate(reads, performance.now() - t)
-    const inlineShare = (pool.metrics().inlineStatements - inline0) / reads
-
-    t = performance.now()
-    for (let i = 0; i < reads; i++) pool.querySync(read, [(i % 10_000) + 1])
-    const sync = rate(reads, performance.now() - t)
+    // This machine's speed drifts by tens of percent within a run: each one-by-one figure is
+    // taken in rounds, peer and quartermaster in turn, and summed over them.
+    const rounds = quick ? 2 : 10
+    const timed = { peerRead: 0, awaited: 0, sync: 0, peerWrite: 0, awaitedWrite: 0 }
+    const time = async (key: keyof typeof timed, work: () => unknown) => {
+      const t = performance.now()
+      await work()
+      timed[key] += performance.now() - t
+    }
+    let inlineAwaited = 0
+    for (let r = 0; r < rounds; r++) {
+      const n = reads / rounds
+      await time('peerRead', () => {
+        for (let i = 0; i < n; i++) get.get((i % 10_000) + 1)
+      })
+      const inline0 = pool.metrics().inlineStatements
+      await time('awaited', async () => {
+        for (let i = 0; i < n; i++) await pool.query(read, [(i % 10_000) + 1])
+      })
+      inlineAwaited += pool.metrics().inlineStatements - inline0
+      await time('sync', () => {
+        for (let i = 0; i < n; i++) pool.querySync(read, [(i % 10_000) + 1])
+      })
+    }
+    const inlineShare = inlineAwaited / reads
+    for (let i = 0; i < 500; i++) await pool.execute(write, ['WARM', i])
+    for (let r = 0; r < rounds; r++) {
+      const n = writes / rounds
+      await time('peerWrite', () => {
+        for (let i = 0; i < n; i++) put.run('BTC', i)
+      })
+      await time('awaitedWrite', async () => {
+        for (let i = 0; i < n; i++) await pool.execute(write, ['BTC', i])
+      })
+    }
+    db.close()
+    const peerRead = rate(reads, timed.peerRead)
+    const awaited = rate(reads, timed.awaited)
+    const sync = rate(reads, timed.sync)
+    const peerWrite = rate(writes, timed.peerWrite)
+    const awaitedWrite = rate(writes, timed.awaitedWrite)
 
     const concurrent = async (n: number, op: (i: number) => Promise<unknown>) => {
       let next = 0
@@ -82,11 +109,6 @@ async function sqlite(): Promise<void> {
       return rate(n, performance.now() - started)
     }
     const readers64 = await concurrent(reads, (i) => pool.query(read, [(i % 10_000) + 1]))
-
-    for (let i = 0; i < 500; i++) await pool.execute(write, ['WARM', i])
-    t = performance.now()
-    for (let i = 0; i < writes; i++) await pool.execute(write, ['BTC', i])
-    const awaitedWrite = rate(writes, performance.now() - t)
     const writers64 = await concurrent(writes, (i) => pool.execute(write, ['ETH', i]))
     await pool.close()
 

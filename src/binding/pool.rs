@@ -541,15 +541,40 @@ impl Runner for PooledConnection {
     }
 }
 
+/// A statement's parameters as JavaScript passed them: one `params` value (`undefined`,
+/// `null` or an array), or spread as separate arguments (a bare function's, see
+/// [`bare_functions`]).
+#[derive(Clone, Copy)]
+enum JsParams<'a> {
+    Value(Option<sys::napi_value>),
+    Spread(&'a [sys::napi_value]),
+}
+
+impl JsParams<'_> {
+    fn read(self, env: &Env) -> CoreResult<Vec<Value>> {
+        match self {
+            JsParams::Value(v) => values::params_from_js(env, v),
+            JsParams::Spread(args) => values::params_from_args(env, args),
+        }
+    }
+}
+
+impl<'e> From<&Option<Unknown<'e>>> for JsParams<'static> {
+    fn from(params: &Option<Unknown<'e>>) -> Self {
+        JsParams::Value(raw(params))
+    }
+}
+
 fn send_query<'e>(
     to: &impl Runner,
     env: &'e Env,
     sql: String,
-    params: Option<Unknown<'e>>,
+    params: JsParams<'_>,
     options: Option<Unknown<'e>>,
     cancel: Option<&Cancellation>,
 ) -> napi::Result<Either<PromiseRaw<'e, Packed>, Packed>> {
-    let (params, bounds) = match values::params_from_js(env, raw(&params))
+    let (params, bounds) = match params
+        .read(env)
         .and_then(|p| Ok((p, bounds(env, options, cancel)?)))
     {
         Ok(v) => v,
@@ -576,11 +601,12 @@ fn send_execute<'e>(
     to: &impl Runner,
     env: &'e Env,
     sql: String,
-    params: Option<Unknown<'e>>,
+    params: JsParams<'_>,
     options: Option<Unknown<'e>>,
     cancel: Option<&Cancellation>,
 ) -> napi::Result<Either<PromiseRaw<'e, ExecuteResult>, ExecuteResult>> {
-    let (params, bounds) = match values::params_from_js(env, raw(&params))
+    let (params, bounds) = match params
+        .read(env)
         .and_then(|p| Ok((p, bounds(env, options, cancel)?)))
     {
         Ok(v) => v,
@@ -671,9 +697,10 @@ fn query_sync(
     to: &impl Runner,
     env: &Env,
     sql: String,
-    params: Option<Unknown<'_>>,
+    params: JsParams<'_>,
 ) -> napi::Result<Packed> {
-    let outcome = values::params_from_js(env, raw(&params))
+    let outcome = params
+        .read(env)
         .and_then(|p| on_this_thread(|| to.run_sync(&Statement::Query(sql, p))));
     match outcome {
         Ok(out) => Ok(packed(out.into_rows(), to.int8())),
@@ -685,9 +712,10 @@ fn execute_sync(
     to: &impl Runner,
     env: &Env,
     sql: String,
-    params: Option<Unknown<'_>>,
+    params: JsParams<'_>,
 ) -> napi::Result<ExecuteResult> {
-    let outcome = values::params_from_js(env, raw(&params))
+    let outcome = params
+        .read(env)
         .and_then(|p| on_this_thread(|| to.run_sync(&Statement::Execute(sql, p))));
     match outcome {
         Ok(Outcome::Done(d)) => Ok(done(d)),
@@ -701,9 +729,14 @@ const QUERY: u8 = 0;
 const EXECUTE: u8 = 1;
 const QUERY_SYNC: u8 = 2;
 const EXECUTE_SYNC: u8 = 3;
+/// Added to a kind: the parameters come spread, `(sql, ...params)`.
+const SPREAD: u8 = 4;
+/// Most parameters a bare function takes spread (wrappers.js passes longer lists whole).
+const SPREAD_MAX: usize = 16;
 
 /// `query`, `execute`, `querySync` and `executeSync` of `target` as plain functions of
-/// `(sql, params)`, called by wrappers.js when no options are given. They skip what napi-rs
+/// `(sql, params)`, and of `(sql, ...params)` under the same names with `Spread` appended
+/// (at most [`SPREAD_MAX`] parameters), called by wrappers.js when no options are given. They skip what napi-rs
 /// does on every method call (the receiver's unwrap and type-tag check, the borrow scope):
 /// about a third of a cheap SQLite statement's cost outside SQLite.
 ///
@@ -714,11 +747,18 @@ const EXECUTE_SYNC: u8 = 3;
 fn bare_functions<'e, R: Runner + 'static>(env: &'e Env, target: &R) -> napi::Result<Object<'e>> {
     let data = (target as *const R).cast_mut().cast::<std::ffi::c_void>();
     let mut functions = Object::new(env)?;
-    let kinds: [(&str, sys::napi_callback); 4] = [
+    let kinds: [(&str, sys::napi_callback); 8] = [
         ("query", Some(bare::<R, QUERY>)),
         ("execute", Some(bare::<R, EXECUTE>)),
         ("querySync", Some(bare::<R, QUERY_SYNC>)),
         ("executeSync", Some(bare::<R, EXECUTE_SYNC>)),
+        ("querySpread", Some(bare::<R, { QUERY + SPREAD }>)),
+        ("executeSpread", Some(bare::<R, { EXECUTE + SPREAD }>)),
+        ("querySyncSpread", Some(bare::<R, { QUERY_SYNC + SPREAD }>)),
+        (
+            "executeSyncSpread",
+            Some(bare::<R, { EXECUTE_SYNC + SPREAD }>),
+        ),
     ];
     for (name, callback) in kinds {
         let mut f = std::ptr::null_mut();
@@ -752,8 +792,8 @@ unsafe extern "C" fn bare<R: Runner + 'static, const KIND: u8>(
     raw_env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let mut argc = 2;
-    let mut argv = [std::ptr::null_mut(); 2];
+    let mut argc = 1 + SPREAD_MAX;
+    let mut argv = [std::ptr::null_mut(); 1 + SPREAD_MAX];
     let mut data = std::ptr::null_mut();
     let status = unsafe {
         sys::napi_get_cb_info(
@@ -773,9 +813,13 @@ unsafe extern "C" fn bare<R: Runner + 'static, const KIND: u8>(
         // SAFETY: `data` is the `R` that `bare_functions` was given, alive for every call.
         let to = unsafe { &*data.cast_const().cast::<R>() };
         let sql = values::string_value(&env, argv[0], "sql");
-        // Fewer than two arguments: napi fills the rest with `undefined`.
-        let params = Some(unsafe { Unknown::from_raw_unchecked(raw_env, argv[1]) });
-        match KIND {
+        // Fewer arguments than asked for: napi fills the rest with `undefined`.
+        let params = if KIND & SPREAD != 0 {
+            JsParams::Spread(&argv[1..argc.clamp(1, 1 + SPREAD_MAX)])
+        } else {
+            JsParams::Value(Some(argv[1]))
+        };
+        match KIND & !SPREAD {
             QUERY => match sql {
                 Ok(sql) => to_js(raw_env, send_query(to, &env, sql, params, None, None)?),
                 Err(e) => to_js(raw_env, settled::<Packed>(&env, Err(e))?),
@@ -893,7 +937,7 @@ impl ConnectionPool {
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
     ) -> napi::Result<Either<PromiseRaw<'e, Packed>, Packed>> {
-        send_query(self, env, sql, params, options, cancel)
+        send_query(self, env, sql, (&params).into(), options, cancel)
     }
 
     /// Runs one statement for its effect and returns the rows affected.
@@ -909,7 +953,7 @@ impl ConnectionPool {
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
     ) -> napi::Result<Either<PromiseRaw<'e, ExecuteResult>, ExecuteResult>> {
-        send_execute(self, env, sql, params, options, cancel)
+        send_execute(self, env, sql, (&params).into(), options, cancel)
     }
 
     /// SQLite: runs one statement on the calling thread and returns its rows — no promise,
@@ -926,7 +970,7 @@ impl ConnectionPool {
         sql: String,
         params: Option<Unknown<'_>>,
     ) -> napi::Result<Packed> {
-        query_sync(self, &env, sql, params)
+        query_sync(self, &env, sql, (&params).into())
     }
 
     /// SQLite: runs one statement for its effect on the calling thread.
@@ -937,7 +981,7 @@ impl ConnectionPool {
         sql: String,
         params: Option<Unknown<'_>>,
     ) -> napi::Result<ExecuteResult> {
-        execute_sync(self, &env, sql, params)
+        execute_sync(self, &env, sql, (&params).into())
     }
 
     /// Internal (wrappers.js): this pool's `query`, `execute`, `querySync` and `executeSync`
@@ -1261,13 +1305,19 @@ const WRAPPERS_JS: &str = include_str!("wrappers.js");
 #[cfg_attr(test, allow(dead_code))]
 #[napi(module_exports)]
 pub fn install_wrappers(exports: Object, env: Env) -> napi::Result<()> {
-    let install: Function<'_, FnArgs<(Unknown<'_>, Unknown<'_>, Unknown<'_>)>, Unknown<'_>> =
-        env.run_script(WRAPPERS_JS)?;
+    let install: Function<
+        '_,
+        FnArgs<(Unknown<'_>, Unknown<'_>, Unknown<'_>, Unknown<'_>)>,
+        Unknown<'_>,
+    > = env.run_script(WRAPPERS_JS)?;
     let pool: Unknown = exports.get_named_property("ConnectionPool")?;
     let lease: Unknown = exports.get_named_property("PooledConnection")?;
     let cancellation: Unknown = exports.get_named_property("Cancellation")?;
+    // SAFETY: a function just made in this environment.
+    let shape_key =
+        unsafe { Unknown::from_raw_unchecked(env.raw(), values::shape_key_function(env.raw())?) };
     // The installer returns the function that shapes small results (values::Packed).
-    let shaper = install.call((pool, lease, cancellation).into())?;
+    let shaper = install.call((pool, lease, cancellation, shape_key).into())?;
     values::set_shaper(env.raw(), shaper.raw())?;
     Ok(())
 }
@@ -1314,7 +1364,7 @@ impl PooledConnection {
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
     ) -> napi::Result<Either<PromiseRaw<'e, Packed>, Packed>> {
-        send_query(self, env, sql, params, options, cancel)
+        send_query(self, env, sql, (&params).into(), options, cancel)
     }
 
     /// Runs one statement for its effect on this connection.
@@ -1330,7 +1380,7 @@ impl PooledConnection {
         options: Option<Unknown<'e>>,
         cancel: Option<&Cancellation>,
     ) -> napi::Result<Either<PromiseRaw<'e, ExecuteResult>, ExecuteResult>> {
-        send_execute(self, env, sql, params, options, cancel)
+        send_execute(self, env, sql, (&params).into(), options, cancel)
     }
 
     /// Internal (transaction): BEGIN IMMEDIATE or COMMIT on the calling thread when it can
@@ -1357,7 +1407,7 @@ impl PooledConnection {
         sql: String,
         params: Option<Unknown<'_>>,
     ) -> napi::Result<Packed> {
-        query_sync(self, &env, sql, params)
+        query_sync(self, &env, sql, (&params).into())
     }
 
     /// SQLite: runs one statement for its effect on this connection on the calling thread.
@@ -1368,7 +1418,7 @@ impl PooledConnection {
         sql: String,
         params: Option<Unknown<'_>>,
     ) -> napi::Result<ExecuteResult> {
-        execute_sync(self, &env, sql, params)
+        execute_sync(self, &env, sql, (&params).into())
     }
 
     /// Redis: runs one command on this connection, e.g. `command('INCR', 'k')` (or with the

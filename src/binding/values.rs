@@ -1,7 +1,9 @@
 //! JavaScript <-> `Value`: parameters in, rows and replies out. Raw N-API calls keep the hot
 //! path to one call per cell.
 
+use std::collections::HashMap;
 use std::ptr;
+use std::sync::Arc;
 
 use napi::bindgen_prelude::{ToNapiValue, TypeName, ValidateNapiValue};
 use napi::{sys, Env, JsValue, ValueType};
@@ -41,12 +43,25 @@ pub(crate) fn params_from_js(env: &Env, params: Option<Raw>) -> Result<Vec<Value
     let len = array_len(env, array)?;
     let mut out = Vec::with_capacity(len as usize);
     for i in 0..len {
-        let item = element(env, array, i)?;
-        out.push(value_from_js(env, item, 0).map_err(|e| {
-            Error::invalid_argument(format!("parameter ${}: {}", i + 1, e.message))
-        })?);
+        out.push(param_from_js(env, element(env, array, i)?, i as usize)?);
     }
     Ok(out)
+}
+
+/// Parameters passed as separate arguments (wrappers.js spreads a short `params` array:
+/// cheaper than reading its elements here one by one).
+pub(crate) fn params_from_args(env: &Env, args: &[Raw]) -> Result<Vec<Value>, Error> {
+    let env = env.raw();
+    args.iter()
+        .enumerate()
+        .map(|(i, item)| param_from_js(env, *item, i))
+        .collect()
+}
+
+/// Parameter `$(i + 1)`.
+fn param_from_js(env: sys::napi_env, item: Raw, i: usize) -> Result<Value, Error> {
+    value_from_js(env, item, 0)
+        .map_err(|e| Error::invalid_argument(format!("parameter ${}: {}", i + 1, e.message)))
 }
 
 fn internal(what: &str) -> Error {
@@ -520,8 +535,8 @@ impl ToNapiValue for Rows {
 }
 
 /// One statement's result for wrappers.js to shape into `{ rows, rowCount, fields }`:
-/// `[column list key, rowCount, rows, cell, cell, …]`, the cells row-major (`rows`
-/// apart: zero-column rows exist). A small result goes as the arguments of one call to the
+/// `[column list (its number, see [`ShapeBook`]), rowCount, rows, cell, cell, …]`, the
+/// cells row-major (`rows` apart: zero-column rows exist). A small result goes as the arguments of one call to the
 /// shaper, a large one as one array; either way no property key is made here: the row
 /// objects come from a function wrappers.js compiles once per column list (napi's per-row
 /// property definition was a third of a small read's cost).
@@ -550,6 +565,141 @@ fn shape_key(columns: &[String]) -> String {
         key.push_str(c);
     }
     key
+}
+
+/// Column lists numbered for wrappers.js, which keeps each one's row constructor under its
+/// number: a result names its columns by number instead of by a key string made, hashed
+/// and looked up on every call. Numbers are never reused; past [`SHAPES_MAX`] lists a
+/// result names its columns by key as before.
+#[derive(Default)]
+struct ShapeBook {
+    ids: HashMap<Arc<[String]>, u32>,
+    keys: Vec<String>,
+}
+
+const SHAPES_MAX: usize = 4096;
+
+static SHAPES: std::sync::LazyLock<parking_lot::Mutex<ShapeBook>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A column list and its number.
+type Numbered = (Option<Arc<[String]>>, u32);
+
+thread_local! {
+    /// The column lists this thread numbered last, by address (the clones keep each
+    /// address theirs): a statement's results share one list, so most results find theirs
+    /// here without hashing it.
+    static RECENT_SHAPES: std::cell::RefCell<[Numbered; 4]> =
+        const { std::cell::RefCell::new([const { (None, 0) }; 4]) };
+}
+
+/// The number of a column list (see [`ShapeBook`]); `None` once the book is full.
+fn shape_id(columns: &Arc<[String]>) -> Option<u32> {
+    RECENT_SHAPES.with(|recent| {
+        let mut recent = recent.borrow_mut();
+        if let Some((_, id)) = recent
+            .iter()
+            .find(|(c, _)| c.as_ref().is_some_and(|c| Arc::ptr_eq(c, columns)))
+        {
+            return Some(*id);
+        }
+        let id = {
+            let mut book = SHAPES.lock();
+            match book.ids.get(columns) {
+                Some(id) => *id,
+                None if book.keys.len() >= SHAPES_MAX => return None,
+                None => {
+                    let id = book.keys.len() as u32;
+                    book.keys.push(shape_key(columns));
+                    book.ids.insert(Arc::clone(columns), id);
+                    id
+                }
+            }
+        };
+        recent.rotate_right(1);
+        recent[0] = (Some(Arc::clone(columns)), id);
+        Some(id)
+    })
+}
+
+/// The key of column list `id` (see [`shape_key`]), for wrappers.js meeting the number for
+/// the first time.
+unsafe extern "C" fn shape_key_of(env: sys::napi_env, info: sys::napi_callback_info) -> Raw {
+    let mut argc = 1;
+    let mut argv = [ptr::null_mut(); 1];
+    let mut id = u32::MAX;
+    let key = unsafe {
+        let read = sys::napi_get_cb_info(
+            env,
+            info,
+            &mut argc,
+            argv.as_mut_ptr(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+        ) == sys::Status::napi_ok
+            && sys::napi_get_value_uint32(env, argv[0], &mut id) == sys::Status::napi_ok;
+        read.then(|| SHAPES.lock().keys.get(id as usize).cloned())
+            .flatten()
+    };
+    match key.map(|k| string_to_js(env, &k)) {
+        Some(Ok(value)) => value,
+        _ => {
+            unsafe {
+                sys::napi_throw_error(
+                    env,
+                    ptr::null(),
+                    c"quartermaster: unknown column list (a bug)".as_ptr(),
+                )
+            };
+            ptr::null_mut()
+        }
+    }
+}
+
+/// wrappers.js's way to a column list's key by number ([`shape_key_of`]).
+pub(crate) fn shape_key_function(env: sys::napi_env) -> napi::Result<Raw> {
+    let name = "shapeKey";
+    let mut f = ptr::null_mut();
+    check(
+        unsafe {
+            sys::napi_create_function(
+                env,
+                name.as_ptr().cast(),
+                name.len() as isize,
+                Some(shape_key_of),
+                ptr::null_mut(),
+                &mut f,
+            )
+        },
+        "shape key function",
+    )?;
+    Ok(f)
+}
+
+/// A count as a JS number (a small one made as such: cheaper than from a double).
+fn count_to_js(env: sys::napi_env, n: u64) -> napi::Result<Raw> {
+    let mut out = ptr::null_mut();
+    let status = match u32::try_from(n) {
+        Ok(small) => unsafe { sys::napi_create_uint32(env, small, &mut out) },
+        Err(_) => unsafe { sys::napi_create_double(env, n as f64, &mut out) },
+    };
+    check(status, "row count")?;
+    Ok(out)
+}
+
+/// The first packed value: the column list's number, else (book full) its key.
+fn shape_to_js(env: sys::napi_env, columns: &Arc<[String]>) -> napi::Result<Raw> {
+    match shape_id(columns) {
+        Some(id) => {
+            let mut out = ptr::null_mut();
+            check(
+                unsafe { sys::napi_create_uint32(env, id, &mut out) },
+                "shape",
+            )?;
+            Ok(out)
+        }
+        None => string_to_js(env, &shape_key(columns)),
+    }
 }
 
 /// Most values passed to the shaper as arguments; a larger result goes as one array.
@@ -631,12 +781,9 @@ impl ToNapiValue for Packed {
         if 3 + cells <= SHAPER_ARGS {
             if let Some(function) = shaper(env) {
                 let mut args = [ptr::null_mut(); SHAPER_ARGS];
-                args[0] = string_to_js(env, &shape_key(&r.columns))?;
-                for (i, n) in [(1, r.row_count as f64), (2, r.rows.len() as f64)] {
-                    check(
-                        unsafe { sys::napi_create_double(env, n, &mut args[i]) },
-                        "row count",
-                    )?;
+                args[0] = shape_to_js(env, &r.columns)?;
+                for (i, n) in [(1, r.row_count), (2, r.rows.len() as u64)] {
+                    args[i] = count_to_js(env, n)?;
                 }
                 let mut i = 3;
                 for row in &r.rows {
@@ -678,7 +825,7 @@ impl ToNapiValue for Packed {
                 "packed cell",
             )
         };
-        set(0, string_to_js(env, &shape_key(&r.columns))?)?;
+        set(0, shape_to_js(env, &r.columns)?)?;
         for (i, n) in [(1, r.row_count as f64), (2, r.rows.len() as f64)] {
             let mut number = ptr::null_mut();
             check(

@@ -1,7 +1,7 @@
 // The parts of the API that are plain JavaScript over native calls, installed on the
 // native classes once per environment: AbortSignal wiring, the variadic `command`, and
 // `transaction`. Evaluated by src/binding/pool.rs at module load; returns the installer.
-(function install(ConnectionPool, PooledConnection, Cancellation) {
+(function install(ConnectionPool, PooledConnection, Cancellation, shapeKey) {
   const isOptions = (v) =>
     v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof Uint8Array)
 
@@ -47,11 +47,24 @@
     )
   }
 
-  // Rows arrive packed (src/binding/values.rs `Packed`): [column list key, rowCount,
-  // rows, ...cells row-major]. Each column list gets a row constructor compiled once, so a row is
-  // one object literal with a stable shape instead of a property definition per cell.
+  // Rows arrive packed (src/binding/values.rs `Packed`): [column list, rowCount, rows,
+  // ...cells row-major], the column list by number (its key learnt once from
+  // `shapeKey(number)`) or, past the native book's size, by key. Each column list gets a row
+  // constructor compiled once, so a row is one object literal with a stable shape instead of
+  // a property definition per cell.
   const shapes = new Map()
   const SHAPES_MAX = 1024
+  const shapesById = [] // at most values.rs SHAPES_MAX
+
+  // A fresh copy of `fields` per result: an array literal (its elements shared
+  // copy-on-write until changed) where code can be generated, else a slice.
+  function compileFields(fields) {
+    try {
+      return new Function(`return ${JSON.stringify(fields)}`)
+    } catch (_) {
+      return () => fields.slice()
+    }
+  }
 
   function compileRow(fields) {
     // A literal key, except __proto__, which as a literal key would set the prototype.
@@ -80,7 +93,7 @@
       // `<column count>\0name\0name…`: the count tells one column named "" from none.
       const parts = key.split('\0')
       const fields = parts[0] === '0' ? [] : parts.slice(1)
-      shape = { fields, row: compileRow(fields) }
+      shape = { fields, row: compileRow(fields), copyFields: compileFields(fields) }
       shapes.set(key, shape)
     }
     return shape
@@ -92,12 +105,13 @@
   const shaped = (r) => (Array.isArray(r) ? unpack(r) : r)
 
   function unpack(p) {
-    const shape = shapeOf(p[0])
+    const id = p[0]
+    const shape = typeof id === 'number' ? (shapesById[id] ?? (shapesById[id] = shapeOf(shapeKey(id)))) : shapeOf(id)
     const width = shape.fields.length
     const count = p[2]
     const rows = new Array(count)
     for (let i = 0, o = 3; i < count; i++, o += width) rows[i] = shape.row(p, o)
-    return { rows, rowCount: p[1], fields: shape.fields.slice() }
+    return { rows, rowCount: p[1], fields: shape.copyFields() }
   }
 
   // A statement run on the calling thread comes back as its result (packed rows for a
@@ -239,31 +253,40 @@
     return bare
   }
 
+  // Parameters go spread when there are none or a short array of them (the `…Spread` bare
+  // functions): cheaper than reading an array's elements natively one by one.
+  const SPREAD_MAX = 16 // src/binding/pool.rs SPREAD_MAX
+  const spreads = (params) => params == null || (Array.isArray(params) && params.length <= SPREAD_MAX)
+
   for (const cls of [ConnectionPool, PooledConnection]) {
     const proto = cls.prototype
     const { query: packedQuery } = proto
     proto.querySync = function querySync(sql, params) {
-      return shaped(bareOf(this).querySync(sql, params))
+      const bare = bareOf(this)
+      return shaped(spreads(params) ? (params == null ? bare.querySyncSpread(sql) : bare.querySyncSpread(sql, ...params)) : bare.querySync(sql, params))
     }
     proto.executeSync = function executeSync(sql, params) {
-      return bareOf(this).executeSync(sql, params)
+      const bare = bareOf(this)
+      return spreads(params) ? (params == null ? bare.executeSyncSpread(sql) : bare.executeSyncSpread(sql, ...params)) : bare.executeSync(sql, params)
     }
     // The native call without options: a result when it ran on the calling thread, else a
     // promise. (Options come with a cancellation: the method itself.)
     const eagerQuery = function eagerQuery(sql, params) {
-      return bareOf(this).query(sql, params)
+      const bare = bareOf(this)
+      return spreads(params) ? (params == null ? bare.querySpread(sql) : bare.querySpread(sql, ...params)) : bare.query(sql, params)
     }
     const query = function query(sql, params, options, cancellation) {
-      const r = options === undefined ? bareOf(this).query(sql, params) : packedQuery.call(this, sql, params, options, cancellation)
+      const r = options === undefined ? eagerQuery.call(this, sql, params) : packedQuery.call(this, sql, params, options, cancellation)
       return direct(r, shaped)
     }
     // Likewise `execute`.
     const { execute: nativeExecute, command, pipeline } = proto
     const eagerExecute = function eagerExecute(sql, params) {
-      return bareOf(this).execute(sql, params)
+      const bare = bareOf(this)
+      return spreads(params) ? (params == null ? bare.executeSpread(sql) : bare.executeSpread(sql, ...params)) : bare.execute(sql, params)
     }
     const execute = function execute(sql, params, options, cancellation) {
-      const r = options === undefined ? bareOf(this).execute(sql, params) : nativeExecute.call(this, sql, params, options, cancellation)
+      const r = options === undefined ? eagerExecute.call(this, sql, params) : nativeExecute.call(this, sql, params, options, cancellation)
       return direct(r, same)
     }
     if (cls === ConnectionPool) {

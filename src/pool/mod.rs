@@ -18,6 +18,7 @@ pub mod profile;
 pub mod redis;
 pub mod socket;
 pub mod sqlite;
+mod sqlite_fast;
 pub mod tls;
 pub mod value;
 

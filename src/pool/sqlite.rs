@@ -13,6 +13,7 @@ use rusqlite::{Connection, OpenFlags};
 use crate::error::{Error, ErrorCode, Phase, Result};
 use crate::pool::connection::Outcome;
 use crate::pool::connection::{is_transaction_control, leading_keyword};
+use crate::pool::sqlite_fast::FastReads;
 use crate::pool::value::{timestamp_to_iso, ExecuteResult, QueryResult, Value};
 
 /// Largest integer JavaScript holds exactly; larger SQLite integers become `bigint`.
@@ -29,6 +30,19 @@ pub struct SqliteConnection {
     notes: Arc<Notes>,
     /// How long a statement off the calling thread waits for another connection's lock.
     busy_timeout: Duration,
+    /// Calling-thread reads prepared on SQLite's own API; used with `conn` locked (`None`
+    /// when the statement cache is off).
+    fast: Option<Mutex<FastReads>>,
+}
+
+impl Drop for SqliteConnection {
+    fn drop(&mut self) {
+        if let Some(fast) = &self.fast {
+            // Finalized before the connection can close, under its lock.
+            let _conn = self.conn.lock();
+            fast.lock().clear();
+        }
+    }
 }
 
 /// What a connection keeps about its statements between runs.
@@ -326,6 +340,7 @@ pub async fn connect(
         deadline,
         notes: Arc::default(),
         busy_timeout,
+        fast: statement_cache.then(Mutex::default),
     })
 }
 
@@ -364,7 +379,7 @@ pub fn open(
     Ok(conn)
 }
 
-fn query_error(e: rusqlite::Error) -> Error {
+pub(crate) fn query_error(e: rusqlite::Error) -> Error {
     match &e {
         rusqlite::Error::SqliteFailure(code, msg) => {
             let text = msg.clone().unwrap_or_else(|| code.to_string());
@@ -402,7 +417,7 @@ impl rusqlite::ToSql for Param<'_> {
     }
 }
 
-fn cell(v: ValueRef<'_>) -> Value {
+pub(crate) fn cell(v: ValueRef<'_>) -> Value {
     match v {
         ValueRef::Null => Value::Null,
         ValueRef::Integer(i) if i.abs() <= MAX_SAFE_INTEGER => Value::Int(i),
@@ -873,23 +888,39 @@ impl SqliteConnection {
             }
             bound
         };
-        let control = is_transaction_control(sql);
+        let control = || is_transaction_control(sql);
         let (cut_off, bound, outcome) = if query {
-            // Prepared once, here: whether it only reads decides the cut-off.
-            match conn.prepare_cached(sql) {
-                Err(e) => (None, None, Err(query_error(e))),
-                Ok(mut stmt) => {
-                    let cut_off = limit.filter(|_| !control && stmt.readonly());
-                    let bound = arm(cut_off);
-                    let rows = query_on(&conn, &mut stmt, sql, params, &self.notes, &mut None);
-                    (cut_off, bound, rows.map(Outcome::Rows))
+            let fast = match &self.fast {
+                Some(fast) => {
+                    // Only reads, and returns columns (so it is no BEGIN or COMMIT): cut off
+                    // at `limit`.
+                    let mut armed = None;
+                    fast.lock()
+                        .query(&conn, sql, params, || armed = Some(arm(limit)))
+                        .map(|rows| (limit, armed.flatten(), rows))
+                }
+                _ => None,
+            };
+            if let Some((cut_off, bound, rows)) = fast {
+                self.notes.read_only.store(1, Ordering::Relaxed);
+                (cut_off, bound, rows.map(Outcome::Rows))
+            } else {
+                // Prepared once, here: whether it only reads decides the cut-off.
+                match conn.prepare_cached(sql) {
+                    Err(e) => (None, None, Err(query_error(e))),
+                    Ok(mut stmt) => {
+                        let cut_off = limit.filter(|_| stmt.readonly() && !control());
+                        let bound = arm(cut_off);
+                        let rows = query_on(&conn, &mut stmt, sql, params, &self.notes, &mut None);
+                        (cut_off, bound, rows.map(Outcome::Rows))
+                    }
                 }
             }
         } else {
             // An autocommit write is cut off (see `run_execute` for one cut off as it ends);
             // inside a transaction only one that does not write.
             let cut_off =
-                limit.filter(|_| !control && (conn.is_autocommit() || !writes(&conn, sql)));
+                limit.filter(|_| !control() && (conn.is_autocommit() || !writes(&conn, sql)));
             let bound = arm(cut_off);
             let done = run_execute(&conn, sql, params, &self.notes);
             (cut_off, bound, done.map(Outcome::Done))
