@@ -253,8 +253,10 @@
     return bare
   }
 
-  // Parameters go spread when there are none or a short array of them (the `…Spread` bare
-  // functions): cheaper than reading an array's elements natively one by one.
+  // Parameters go as separate arguments when there are none or a short array of them (the
+  // `…Spread` bare functions): cheaper than reading an array's elements natively one by one.
+  // Up to three are passed one by one, as a call of a fixed length stays on V8's fast path
+  // into native code (a spread call does not); longer lists up to SPREAD_MAX are spread.
   const SPREAD_MAX = 16 // src/binding/pool.rs SPREAD_MAX
   const spreads = (params) => params == null || (Array.isArray(params) && params.length <= SPREAD_MAX)
 
@@ -263,17 +265,38 @@
     const { query: packedQuery } = proto
     proto.querySync = function querySync(sql, params) {
       const bare = bareOf(this)
-      return shaped(spreads(params) ? (params == null ? bare.querySyncSpread(sql) : bare.querySyncSpread(sql, ...params)) : bare.querySync(sql, params))
+      if (!spreads(params)) return shaped(bare.querySync(sql, params))
+      switch (params == null ? 0 : params.length) {
+        case 0: return shaped(bare.querySyncSpread(sql))
+        case 1: return shaped(bare.querySyncSpread(sql, params[0]))
+        case 2: return shaped(bare.querySyncSpread(sql, params[0], params[1]))
+        case 3: return shaped(bare.querySyncSpread(sql, params[0], params[1], params[2]))
+        default: return shaped(bare.querySyncSpread(sql, ...params))
+      }
     }
     proto.executeSync = function executeSync(sql, params) {
       const bare = bareOf(this)
-      return spreads(params) ? (params == null ? bare.executeSyncSpread(sql) : bare.executeSyncSpread(sql, ...params)) : bare.executeSync(sql, params)
+      if (!spreads(params)) return bare.executeSync(sql, params)
+      switch (params == null ? 0 : params.length) {
+        case 0: return bare.executeSyncSpread(sql)
+        case 1: return bare.executeSyncSpread(sql, params[0])
+        case 2: return bare.executeSyncSpread(sql, params[0], params[1])
+        case 3: return bare.executeSyncSpread(sql, params[0], params[1], params[2])
+        default: return bare.executeSyncSpread(sql, ...params)
+      }
     }
     // The native call without options: a result when it ran on the calling thread, else a
     // promise. (Options come with a cancellation: the method itself.)
     const eagerQuery = function eagerQuery(sql, params) {
       const bare = bareOf(this)
-      return spreads(params) ? (params == null ? bare.querySpread(sql) : bare.querySpread(sql, ...params)) : bare.query(sql, params)
+      if (!spreads(params)) return bare.query(sql, params)
+      switch (params == null ? 0 : params.length) {
+        case 0: return bare.querySpread(sql)
+        case 1: return bare.querySpread(sql, params[0])
+        case 2: return bare.querySpread(sql, params[0], params[1])
+        case 3: return bare.querySpread(sql, params[0], params[1], params[2])
+        default: return bare.querySpread(sql, ...params)
+      }
     }
     const query = function query(sql, params, options, cancellation) {
       const r = options === undefined ? eagerQuery.call(this, sql, params) : packedQuery.call(this, sql, params, options, cancellation)
@@ -283,7 +306,14 @@
     const { execute: nativeExecute, command, pipeline } = proto
     const eagerExecute = function eagerExecute(sql, params) {
       const bare = bareOf(this)
-      return spreads(params) ? (params == null ? bare.executeSpread(sql) : bare.executeSpread(sql, ...params)) : bare.execute(sql, params)
+      if (!spreads(params)) return bare.execute(sql, params)
+      switch (params == null ? 0 : params.length) {
+        case 0: return bare.executeSpread(sql)
+        case 1: return bare.executeSpread(sql, params[0])
+        case 2: return bare.executeSpread(sql, params[0], params[1])
+        case 3: return bare.executeSpread(sql, params[0], params[1], params[2])
+        default: return bare.executeSpread(sql, ...params)
+      }
     }
     const execute = function execute(sql, params, options, cancellation) {
       const r = options === undefined ? eagerExecute.call(this, sql, params) : nativeExecute.call(this, sql, params, options, cancellation)

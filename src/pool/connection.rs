@@ -67,7 +67,8 @@ impl Statement {
     pub fn can_pipeline(&self) -> bool {
         match self {
             Statement::Query(sql, _) | Statement::Execute(sql, _) => {
-                !is_transaction_control(sql) && !changes_session(sql)
+                let facts = text_facts(sql);
+                !facts.transaction_control && !facts.changes_session
             }
             Statement::Command(name, _) => !is_session_command(name),
             Statement::Pipeline(cmds) => cmds.iter().all(|(name, _)| !is_session_command(name)),
@@ -296,19 +297,31 @@ impl Connection {
         op: &Operation<'_>,
         limit: Option<Duration>,
     ) -> Option<Result<Outcome>> {
+        self.run_now_timed(op, limit).0
+    }
+
+    /// [`run_now`](Self::run_now), with when it started and ended: the clock read once on
+    /// each side serves the caller's bookkeeping too.
+    pub(crate) fn run_now_timed(
+        &self,
+        op: &Operation<'_>,
+        limit: Option<Duration>,
+    ) -> (Option<Result<Outcome>>, Instant, Instant) {
+        let started = Instant::now();
         let Backend::Sqlite(s) = &self.backend else {
-            return None;
+            return (None, started, started);
         };
         let (sql, params, query) = match *op {
             Operation::Query(sql, params) => (sql, params, true),
             Operation::Execute(sql, params) => (sql, params, false),
-            _ => return None,
+            _ => return (None, started, started),
         };
         forced_panic(op);
-        let started = Instant::now();
-        let outcome = s.run_now(sql, params, query, limit)?;
-        self.after_statement(sql, started, &outcome);
-        Some(outcome)
+        let Some(outcome) = s.run_now(sql, params, query, limit) else {
+            return (None, started, Instant::now());
+        };
+        let ended = self.after_statement(sql, started, &outcome);
+        (Some(outcome), started, ended)
     }
 
     /// SQLite: statements issued together, on the calling thread: writes as one transaction
@@ -434,7 +447,8 @@ impl Connection {
         ))
     }
 
-    fn after_statement<T>(&self, sql: &str, started: Instant, result: &Result<T>) {
+    /// Counts and profiles a statement that ran from `started` until now; returns now.
+    fn after_statement<T>(&self, sql: &str, started: Instant, result: &Result<T>) -> Instant {
         let now = Instant::now();
         let read_only = match &self.backend {
             Backend::Sqlite(s) => s.last_read_only(),
@@ -442,6 +456,7 @@ impl Connection {
         };
         let own = self.own_cost(started, now);
         self.record(sql, now - started, own, read_only, result);
+        now
     }
 
     /// Counts one statement that took `took` (`own` of it its own cost) and profiles it.

@@ -267,21 +267,21 @@ impl OrderedLease {
         }
         let lease = self.lease.try_lock().ok()?;
         drop(state);
-        let tried = Instant::now();
-        let outcome = lease
+        let (outcome, started, ended) = lease
             .connection()
             .ok()?
-            .run_now(&statement.borrow(), Some(INLINE_LIMIT));
+            .run_now_timed(&statement.borrow(), Some(INLINE_LIMIT));
+        let took = ended - started;
         match &outcome {
             // A write in a transaction is not cut off (see `SqliteConnection::run_now`): one
             // that overran the bound runs off the thread from now on.
             Some(_) => {
                 lease.shared.recorder.inline_statements.inc();
-                if tried.elapsed() >= INLINE_LIMIT {
+                if took >= INLINE_LIMIT {
                     profiles.mark_slow(sql);
                 }
             }
-            None => profiles.given_up(sql, tried.elapsed()),
+            None => profiles.given_up(sql, took),
         }
         outcome
     }

@@ -546,9 +546,9 @@ impl Pool {
             return None;
         }
         let conn = self.idle_connection(kind, true)?;
-        let tried = Instant::now();
-        let outcome = conn.run_now(&op, Some(profile::INLINE_LIMIT));
-        self.give_back(kind, conn);
+        let (outcome, started, ended) = conn.run_now_timed(&op, Some(profile::INLINE_LIMIT));
+        self.give_back_at(kind, conn, ended);
+        let took = ended - started;
         match outcome {
             Some(done) => {
                 s.recorder.gets.inc();
@@ -556,13 +556,13 @@ impl Pool {
                 s.recorder.inline_statements.inc();
                 // A write not cut off (see `SqliteConnection::run_now`) that overran the bound
                 // runs off the thread from now on.
-                if tried.elapsed() >= profile::INLINE_LIMIT {
+                if took >= profile::INLINE_LIMIT {
                     s.profiles.mark_slow(sql);
                 }
                 Some(done)
             }
             None => {
-                s.profiles.given_up(sql, tried.elapsed());
+                s.profiles.given_up(sql, took);
                 None
             }
         }
@@ -687,23 +687,26 @@ impl Pool {
             }
         };
         s.recorder.successful_gets.inc();
-        let outcome = conn
-            .run_now(&op, None)
-            .unwrap_or_else(|| Err(Error::internal("statement was not run")));
-        self.give_back(kind, conn);
+        let (outcome, _, ended) = conn.run_now_timed(&op, None);
+        self.give_back_at(kind, conn, ended);
         s.recorder.inline_statements.inc();
-        outcome
+        outcome.unwrap_or_else(|| Err(Error::internal("statement was not run")))
     }
 
     /// Returns a connection taken outside a lease (the calling-thread paths).
-    fn give_back(&self, kind: LaneKind, mut conn: Box<Connection>) {
+    fn give_back(&self, kind: LaneKind, conn: Box<Connection>) {
+        self.give_back_at(kind, conn, Instant::now());
+    }
+
+    /// [`give_back`](Self::give_back) of a connection last used at `now`.
+    fn give_back_at(&self, kind: LaneKind, mut conn: Box<Connection>, now: Instant) {
         let inventory = &self.shared.lane(kind).inventory;
         if conn.is_unusable() || conn.needs_reset() {
             inventory.discard(conn);
             return;
         }
-        conn.last_returned = Instant::now();
-        conn.last_checked = conn.last_returned;
+        conn.last_returned = now;
+        conn.last_checked = now;
         inventory.give_back(conn);
     }
 
