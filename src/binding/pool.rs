@@ -16,7 +16,7 @@ use super::{js_error, promise, runtime, settled, spawn};
 use crate::error::{Error, Result as CoreResult};
 use crate::metrics::Registry;
 use crate::pool::config::{Int8Mode, PoolConfig, PoolOptions as CoreOptions};
-use crate::pool::{self, Bounds, Lease, OrderedLease, Outcome, Pool, Statement, Value};
+use crate::pool::{self, Bounds, Lease, Operation, OrderedLease, Outcome, Pool, Statement, Value};
 
 /// TLS settings. PostgreSQL: every libpq mode. Redis (`rediss://` URLs): `verify-full`
 /// (default) or `require`.
@@ -497,7 +497,7 @@ trait Runner {
     /// Runs a cheap SQLite statement on this thread; `None` to send it instead.
     fn try_inline(&self, statement: &Statement) -> Option<CoreResult<Outcome>>;
     /// `querySync` / `executeSync`.
-    fn run_sync(&self, statement: &Statement) -> CoreResult<Outcome>;
+    fn run_sync(&self, op: &Operation<'_>) -> CoreResult<Outcome>;
 }
 
 impl Runner for ConnectionPool {
@@ -517,9 +517,9 @@ impl Runner for ConnectionPool {
         self.pool.try_inline(statement)
     }
 
-    fn run_sync(&self, statement: &Statement) -> CoreResult<Outcome> {
+    fn run_sync(&self, op: &Operation<'_>) -> CoreResult<Outcome> {
         self.check_open()?;
-        self.pool.run_sync(statement)
+        self.pool.run_sync(op)
     }
 }
 
@@ -536,8 +536,8 @@ impl Runner for PooledConnection {
         self.lease.try_inline(statement, &self.profiles)
     }
 
-    fn run_sync(&self, statement: &Statement) -> CoreResult<Outcome> {
-        self.lease.run_sync(statement)
+    fn run_sync(&self, op: &Operation<'_>) -> CoreResult<Outcome> {
+        self.lease.run_sync(op)
     }
 }
 
@@ -696,12 +696,12 @@ fn on_this_thread<T>(work: impl FnOnce() -> CoreResult<T>) -> CoreResult<T> {
 fn query_sync(
     to: &impl Runner,
     env: &Env,
-    sql: String,
+    sql: &str,
     params: JsParams<'_>,
 ) -> napi::Result<Packed> {
     let outcome = params
         .read(env)
-        .and_then(|p| on_this_thread(|| to.run_sync(&Statement::Query(sql, p))));
+        .and_then(|p| on_this_thread(|| to.run_sync(&Operation::Query(sql, &p))));
     match outcome {
         Ok(out) => Ok(packed(out.into_rows(), to.int8())),
         Err(e) => Err(js_error(env, e)),
@@ -711,12 +711,12 @@ fn query_sync(
 fn execute_sync(
     to: &impl Runner,
     env: &Env,
-    sql: String,
+    sql: &str,
     params: JsParams<'_>,
 ) -> napi::Result<ExecuteResult> {
     let outcome = params
         .read(env)
-        .and_then(|p| on_this_thread(|| to.run_sync(&Statement::Execute(sql, p))));
+        .and_then(|p| on_this_thread(|| to.run_sync(&Operation::Execute(sql, &p))));
     match outcome {
         Ok(Outcome::Done(d)) => Ok(done(d)),
         Ok(_) => unreachable_value(),
@@ -812,7 +812,9 @@ unsafe extern "C" fn bare<R: Runner + 'static, const KIND: u8>(
         }
         // SAFETY: `data` is the `R` that `bare_functions` was given, alive for every call.
         let to = unsafe { &*data.cast_const().cast::<R>() };
-        let sql = values::string_value(&env, argv[0], "sql");
+        // The sync calls read a short text without allocating; the others keep it.
+        let mut short = [0u8; values::SHORT_STRING];
+        let sql = values::string_value_in(&env, argv[0], "sql", &mut short);
         // Fewer arguments than asked for: napi fills the rest with `undefined`.
         let params = if KIND & SPREAD != 0 {
             JsParams::Spread(&argv[1..argc.clamp(1, 1 + SPREAD_MAX)])
@@ -821,20 +823,26 @@ unsafe extern "C" fn bare<R: Runner + 'static, const KIND: u8>(
         };
         match KIND & !SPREAD {
             QUERY => match sql {
-                Ok(sql) => to_js(raw_env, send_query(to, &env, sql, params, None, None)?),
+                Ok(sql) => to_js(
+                    raw_env,
+                    send_query(to, &env, sql.into_owned(), params, None, None)?,
+                ),
                 Err(e) => to_js(raw_env, settled::<Packed>(&env, Err(e))?),
             },
             EXECUTE => match sql {
-                Ok(sql) => to_js(raw_env, send_execute(to, &env, sql, params, None, None)?),
+                Ok(sql) => to_js(
+                    raw_env,
+                    send_execute(to, &env, sql.into_owned(), params, None, None)?,
+                ),
                 Err(e) => to_js(raw_env, settled::<ExecuteResult>(&env, Err(e))?),
             },
             QUERY_SYNC => {
                 let sql = sql.map_err(|e| js_error(&env, e))?;
-                to_js(raw_env, query_sync(to, &env, sql, params)?)
+                to_js(raw_env, query_sync(to, &env, &sql, params)?)
             }
             _ => {
                 let sql = sql.map_err(|e| js_error(&env, e))?;
-                to_js(raw_env, execute_sync(to, &env, sql, params)?)
+                to_js(raw_env, execute_sync(to, &env, &sql, params)?)
             }
         }
     };
@@ -970,7 +978,7 @@ impl ConnectionPool {
         sql: String,
         params: Option<Unknown<'_>>,
     ) -> napi::Result<Packed> {
-        query_sync(self, &env, sql, (&params).into())
+        query_sync(self, &env, &sql, (&params).into())
     }
 
     /// SQLite: runs one statement for its effect on the calling thread.
@@ -981,7 +989,7 @@ impl ConnectionPool {
         sql: String,
         params: Option<Unknown<'_>>,
     ) -> napi::Result<ExecuteResult> {
-        execute_sync(self, &env, sql, (&params).into())
+        execute_sync(self, &env, &sql, (&params).into())
     }
 
     /// Internal (wrappers.js): this pool's `query`, `execute`, `querySync` and `executeSync`
@@ -1407,7 +1415,7 @@ impl PooledConnection {
         sql: String,
         params: Option<Unknown<'_>>,
     ) -> napi::Result<Packed> {
-        query_sync(self, &env, sql, (&params).into())
+        query_sync(self, &env, &sql, (&params).into())
     }
 
     /// SQLite: runs one statement for its effect on this connection on the calling thread.
@@ -1418,7 +1426,7 @@ impl PooledConnection {
         sql: String,
         params: Option<Unknown<'_>>,
     ) -> napi::Result<ExecuteResult> {
-        execute_sync(self, &env, sql, (&params).into())
+        execute_sync(self, &env, &sql, (&params).into())
     }
 
     /// Redis: runs one command on this connection, e.g. `command('INCR', 'k')` (or with the

@@ -1,6 +1,7 @@
 //! JavaScript <-> `Value`: parameters in, rows and replies out. Raw N-API calls keep the hot
 //! path to one call per cell.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ptr;
 use std::sync::Arc;
@@ -99,10 +100,21 @@ fn element(env: sys::napi_env, v: Raw, i: u32) -> Result<Raw, Error> {
 }
 
 fn string_from_js(env: sys::napi_env, v: Raw) -> Result<String, Error> {
+    string_in(env, v, &mut [0u8; SHORT_STRING]).map(Cow::into_owned)
+}
+
+/// Bytes of a string read without allocating (see [`string_in`]).
+pub(crate) const SHORT_STRING: usize = 256;
+
+/// A JS string, read into `short` when it fits there (no allocation), else owned.
+fn string_in<'b>(
+    env: sys::napi_env,
+    v: Raw,
+    short: &'b mut [u8; SHORT_STRING],
+) -> Result<Cow<'b, str>, Error> {
     // Most SQL texts and text parameters are short: one call into a buffer on the stack. A
     // cut string ends within 4 bytes (one character) of the buffer's 255: within those, its
     // length first, as below.
-    let mut short = [0u8; 256];
     let mut written = 0;
     if unsafe {
         sys::napi_get_value_string_utf8(
@@ -118,7 +130,7 @@ fn string_from_js(env: sys::napi_env, v: Raw) -> Result<String, Error> {
     }
     if written + 5 <= short.len() {
         return std::str::from_utf8(&short[..written])
-            .map(str::to_owned)
+            .map(Cow::Borrowed)
             .map_err(|_| internal("utf-8"));
     }
     let mut len = 0;
@@ -136,7 +148,9 @@ fn string_from_js(env: sys::napi_env, v: Raw) -> Result<String, Error> {
         return Err(internal("string"));
     }
     buf.truncate(written);
-    String::from_utf8(buf).map_err(|_| internal("utf-8"))
+    String::from_utf8(buf)
+        .map(Cow::Owned)
+        .map_err(|_| internal("utf-8"))
 }
 
 fn value_from_js(env: sys::napi_env, v: Raw, depth: usize) -> Result<Value, Error> {
@@ -354,11 +368,21 @@ pub(crate) fn strict_equals(env: &Env, a: Raw, b: Raw) -> bool {
 
 /// `v` as a string; `INVALID_ARGUMENT` naming `what` when it is not one.
 pub(crate) fn string_value(env: &Env, v: Raw, what: &str) -> Result<String, Error> {
+    string_value_in(env, v, what, &mut [0u8; SHORT_STRING]).map(Cow::into_owned)
+}
+
+/// [`string_value`] read into `short` when it fits there (no allocation).
+pub(crate) fn string_value_in<'b>(
+    env: &Env,
+    v: Raw,
+    what: &str,
+    short: &'b mut [u8; SHORT_STRING],
+) -> Result<Cow<'b, str>, Error> {
     let env = env.raw();
     if type_of(env, v)? != ValueType::String {
         return Err(Error::invalid_argument(format!("{what} must be a string")));
     }
-    string_from_js(env, v)
+    string_in(env, v, short)
 }
 
 pub(crate) fn array_length(env: &Env, array: Raw) -> Result<u32, Error> {

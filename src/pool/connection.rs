@@ -65,13 +65,20 @@ impl Statement {
     /// or ends a transaction, changes session state (or is a Redis MULTI/WATCH or blocking
     /// command), which would bleed into its neighbours or stall them.
     pub fn can_pipeline(&self) -> bool {
-        match self {
-            Statement::Query(sql, _) | Statement::Execute(sql, _) => {
+        self.borrow().can_pipeline()
+    }
+}
+
+impl Operation<'_> {
+    /// See [`Statement::can_pipeline`].
+    pub fn can_pipeline(&self) -> bool {
+        match *self {
+            Operation::Query(sql, _) | Operation::Execute(sql, _) => {
                 let facts = text_facts(sql);
                 !facts.transaction_control && !facts.changes_session
             }
-            Statement::Command(name, _) => !is_session_command(name),
-            Statement::Pipeline(cmds) => cmds.iter().all(|(name, _)| !is_session_command(name)),
+            Operation::Command(name, _) => !is_session_command(name),
+            Operation::Pipeline(cmds) => cmds.iter().all(|(name, _)| !is_session_command(name)),
         }
     }
 }

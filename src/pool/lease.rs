@@ -288,7 +288,7 @@ impl OrderedLease {
 
     /// SQLite: runs a statement on the calling thread (`querySync` on a lease). Statements
     /// issued before it without awaiting must have finished first.
-    pub fn run_sync(&self, statement: &Statement) -> Result<Outcome> {
+    pub fn run_sync(&self, op: &Operation<'_>) -> Result<Outcome> {
         let state = self.state.lock();
         if state.released {
             return Err(released());
@@ -307,7 +307,7 @@ impl OrderedLease {
             return Err(crate::pool::sync_needs_sqlite(conn.backend_name()));
         }
         lease.shared.recorder.inline_statements.inc();
-        conn.run_now(&statement.borrow(), None)
+        conn.run_now(op, None)
             .unwrap_or_else(|| Err(Error::internal("statement was not run")))
     }
 

@@ -662,7 +662,7 @@ impl Pool {
 
     /// SQLite: runs a statement on the calling thread and returns its outcome
     /// (`querySync` / `executeSync`). Waits at most `acquireTimeoutMs` for a connection.
-    pub fn run_sync(&self, statement: &Statement) -> Result<Outcome> {
+    pub fn run_sync(&self, op: &Operation<'_>) -> Result<Outcome> {
         let s = &self.shared;
         if self.is_closed() {
             return Err(self.closed_error());
@@ -670,9 +670,8 @@ impl Pool {
         if s.config.target.backend() != "sqlite" {
             return Err(sync_needs_sqlite(s.config.target.backend()));
         }
-        let op = statement.borrow();
-        let kind = if statement.can_pipeline() {
-            s.lane_for(&op)
+        let kind = if op.can_pipeline() {
+            s.lane_for(op)
         } else {
             s.write_lane()
         };
@@ -687,7 +686,7 @@ impl Pool {
             }
         };
         s.recorder.successful_gets.inc();
-        let (outcome, _, ended) = conn.run_now_timed(&op, None);
+        let (outcome, _, ended) = conn.run_now_timed(op, None);
         self.give_back_at(kind, conn, ended);
         s.recorder.inline_statements.inc();
         outcome.unwrap_or_else(|| Err(Error::internal("statement was not run")))
