@@ -56,14 +56,24 @@ async function sqlite(): Promise<void> {
       pool.querySync(read, [(i % 10_000) + 1])
     }
 
-    // This machine's speed drifts by tens of percent within a run: each one-by-one figure is
-    // taken in rounds, peer and quartermaster in turn, and summed over them.
+    // This machine's speed drifts by tens of percent within a run: the peer and each read
+    // figure (64 readers too) and each one-by-one write figure are taken in rounds, in turn,
+    // and summed over them.
     const rounds = quick ? 2 : 10
-    const timed = { peerRead: 0, awaited: 0, sync: 0, peerWrite: 0, awaitedWrite: 0 }
+    const timed = { peerRead: 0, awaited: 0, sync: 0, readers64: 0, peerWrite: 0, awaitedWrite: 0 }
     const time = async (key: keyof typeof timed, work: () => unknown) => {
       const t = performance.now()
       await work()
       timed[key] += performance.now() - t
+    }
+    // n operations from 64 callers at once.
+    const concurrent = async (n: number, op: (i: number) => Promise<unknown>) => {
+      let next = 0
+      await Promise.all(
+        Array.from({ length: 64 }, async () => {
+          while (next < n) await op(next++)
+        }),
+      )
     }
     let inlineAwaited = 0
     for (let r = 0; r < rounds; r++) {
@@ -79,6 +89,7 @@ async function sqlite(): Promise<void> {
       await time('sync', () => {
         for (let i = 0; i < n; i++) pool.querySync(read, [(i % 10_000) + 1])
       })
+      await time('readers64', () => concurrent(n, (i) => pool.query(read, [(i % 10_000) + 1])))
     }
     const inlineShare = inlineAwaited / reads
     for (let i = 0; i < 500; i++) await pool.execute(write, ['WARM', i])
@@ -95,21 +106,13 @@ async function sqlite(): Promise<void> {
     const peerRead = rate(reads, timed.peerRead)
     const awaited = rate(reads, timed.awaited)
     const sync = rate(reads, timed.sync)
+    const readers64 = rate(reads, timed.readers64)
     const peerWrite = rate(writes, timed.peerWrite)
     const awaitedWrite = rate(writes, timed.awaitedWrite)
 
-    const concurrent = async (n: number, op: (i: number) => Promise<unknown>) => {
-      let next = 0
-      const started = performance.now()
-      await Promise.all(
-        Array.from({ length: 64 }, async () => {
-          while (next < n) await op(next++)
-        }),
-      )
-      return rate(n, performance.now() - started)
-    }
-    const readers64 = await concurrent(reads, (i) => pool.query(read, [(i % 10_000) + 1]))
-    const writers64 = await concurrent(writes, (i) => pool.execute(write, ['ETH', i]))
+    const started = performance.now()
+    await concurrent(writes, (i) => pool.execute(write, ['ETH', i]))
+    const writers64 = rate(writes, performance.now() - started)
     await pool.close()
 
     const rows: Row[] = [

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use napi::bindgen_prelude::{
-    Either, FnArgs, Function, JsObjectValue, Object, PromiseRaw, ToNapiValue, Unknown,
+    Either, FnArgs, Function, JsObjectValue, Object, PromiseRaw, ToNapiValue, TypeTag, Unknown,
 };
 use napi::{sys, Env, JsValue};
 use napi_derive::napi;
@@ -734,18 +734,31 @@ const SPREAD: u8 = 4;
 /// Most parameters a bare function takes spread (wrappers.js passes longer lists whole).
 const SPREAD_MAX: usize = 16;
 
-/// `query`, `execute`, `querySync` and `executeSync` of `target` as plain functions of
-/// `(sql, params)`, and of `(sql, ...params)` under the same names with `Spread` appended
-/// (at most [`SPREAD_MAX`] parameters), called by wrappers.js when no options are given. They skip what napi-rs
-/// does on every method call (the receiver's unwrap and type-tag check, the borrow scope):
-/// about a third of a cheap SQLite statement's cost outside SQLite.
+/// `query`, `execute`, `querySync` and `executeSync` as plain functions of
+/// `(receiver, sql, params)`, and of `(receiver, sql, ...params)` under the same names with
+/// `Spread` appended (at most
+/// [`SPREAD_MAX`] parameters), called by wrappers.js when no options are given. They skip
+/// what napi-rs does on every method call (the borrow scope, and for a pool's the receiver's
+/// unwrap and type-tag check): about a third of a cheap SQLite statement's cost outside
+/// SQLite.
 ///
-/// Each function holds `target`'s address. wrappers.js takes `_bare` off the prototypes at
-/// load and keeps what it makes only in a `WeakMap` keyed by the JavaScript object that owns
-/// `target`: no other code can reach the functions, and they are unreachable once that object
-/// is, so `target` outlives every call.
-fn bare_functions<'e, R: Runner + 'static>(env: &'e Env, target: &R) -> napi::Result<Object<'e>> {
-    let data = (target as *const R).cast_mut().cast::<std::ffi::c_void>();
+/// `Some(target)` (a pool's, made once per pool): each function holds `target`'s address.
+/// wrappers.js takes `_bare` off the prototype at load and keeps what it makes only in a
+/// `WeakMap` keyed by the JavaScript object that owns `target`: no other code can reach the
+/// functions, and they are unreachable once that object is, so `target` outlives every call.
+///
+/// `None` (leases', made once per environment): each call unwraps its receiver (the first
+/// argument: a method call with `this` took longer), checked to be an `R` by its type tag. A lease is short-lived: eight functions made for each one
+/// survived the young-generation collections (V8 keeps a native function's data alive until
+/// a full collection), and in a workload of transactions those collections took 5 to 12 ms
+/// each instead of under one.
+fn bare_functions<'e, R: Runner + TypeTag + 'static>(
+    env: &'e Env,
+    target: Option<&R>,
+) -> napi::Result<Object<'e>> {
+    let data = target.map_or(std::ptr::null_mut(), |t| {
+        (t as *const R).cast_mut().cast::<std::ffi::c_void>()
+    });
     let mut functions = Object::new(env)?;
     let kinds: [(&str, sys::napi_callback); 8] = [
         ("query", Some(bare::<R, QUERY>)),
@@ -788,12 +801,13 @@ fn to_js<V: ToNapiValue>(env: sys::napi_env, value: V) -> napi::Result<sys::napi
 /// One bare function (see [`bare_functions`]): the method's work on `(sql, params)`. Bad
 /// arguments reject the promise (`query`, `execute`) or throw (the sync ones) with
 /// `INVALID_ARGUMENT`; nothing unwinds into Node.
-unsafe extern "C" fn bare<R: Runner + 'static, const KIND: u8>(
+unsafe extern "C" fn bare<R: Runner + TypeTag + 'static, const KIND: u8>(
     raw_env: sys::napi_env,
     info: sys::napi_callback_info,
 ) -> sys::napi_value {
-    let mut argc = 1 + SPREAD_MAX;
-    let mut argv = [std::ptr::null_mut(); 1 + SPREAD_MAX];
+    // (receiver, sql, params…): the receiver is read only by a shared function (`data` null).
+    let mut argc = 2 + SPREAD_MAX;
+    let mut argv = [std::ptr::null_mut(); 2 + SPREAD_MAX];
     let mut data = std::ptr::null_mut();
     let status = unsafe {
         sys::napi_get_cb_info(
@@ -807,19 +821,24 @@ unsafe extern "C" fn bare<R: Runner + 'static, const KIND: u8>(
     };
     let env = Env::from_raw(raw_env);
     let run = || -> napi::Result<sys::napi_value> {
-        if status != sys::Status::napi_ok || data.is_null() {
+        if status != sys::Status::napi_ok {
             return Err(napi::Error::from_reason("cannot read the call's arguments"));
         }
-        // SAFETY: `data` is the `R` that `bare_functions` was given, alive for every call.
-        let to = unsafe { &*data.cast_const().cast::<R>() };
+        let to: &R = if data.is_null() {
+            // SAFETY: an argument of the call, alive for the call.
+            unsafe { receiver::<R>(raw_env, argv[0])? }
+        } else {
+            // SAFETY: `data` is the `R` that `bare_functions` was given, alive for every call.
+            unsafe { &*data.cast_const().cast::<R>() }
+        };
         // The sync calls read a short text without allocating; the others keep it.
         let mut short = [0u8; values::SHORT_STRING];
-        let sql = values::string_value_in(&env, argv[0], "sql", &mut short);
+        let sql = values::string_value_in(&env, argv[1], "sql", &mut short);
         // Fewer arguments than asked for: napi fills the rest with `undefined`.
         let params = if KIND & SPREAD != 0 {
-            JsParams::Spread(&argv[1..argc.clamp(1, 1 + SPREAD_MAX)])
+            JsParams::Spread(&argv[2..argc.clamp(2, 2 + SPREAD_MAX)])
         } else {
-            JsParams::Value(Some(argv[1]))
+            JsParams::Value(Some(argv[2]))
         };
         match KIND & !SPREAD {
             QUERY => match sql {
@@ -860,6 +879,31 @@ unsafe extern "C" fn bare<R: Runner + 'static, const KIND: u8>(
             std::ptr::null_mut()
         }
     }
+}
+
+/// The `R` wrapped by `value` (a method's receiver), when its type tag says it is one (an object of another class,
+/// or a plain object made with `R`'s prototype, is refused before any cast).
+///
+/// # Safety
+/// `value` is a value of the call in progress in `env`; the reference is used only during it.
+unsafe fn receiver<'a, R: TypeTag + 'static>(
+    env: sys::napi_env,
+    value: sys::napi_value,
+) -> napi::Result<&'a R> {
+    let mut wrapped = std::ptr::null_mut();
+    let name = std::any::type_name::<R>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("object");
+    let status = unsafe { sys::napi_unwrap(env, value, &mut wrapped) };
+    if status != sys::Status::napi_ok || wrapped.is_null() {
+        return Err(napi::Error::new(
+            napi::Status::InvalidArg,
+            format!("this method needs a {name} as `this`"),
+        ));
+    }
+    unsafe { napi::bindgen_prelude::validate_type_tag(env, value, &R::type_tag(), name)? };
+    Ok(unsafe { &*wrapped.cast_const().cast::<R>() })
 }
 
 /// The JS stack of the caller, taken only when leak detection wants it.
@@ -996,7 +1040,7 @@ impl ConnectionPool {
     /// as bare functions of `(sql, params)` (see `bare_functions`).
     #[napi(js_name = "_bare", skip_typescript)]
     pub fn bare<'e>(&self, env: &'e Env) -> napi::Result<Object<'e>> {
-        bare_functions(env, self)
+        bare_functions(env, Some(self))
     }
 
     /// Internal (wrappers.js): `execute` calls made in one turn of the event loop, as
@@ -1313,11 +1357,14 @@ const WRAPPERS_JS: &str = include_str!("wrappers.js");
 #[cfg_attr(test, allow(dead_code))]
 #[napi(module_exports)]
 pub fn install_wrappers(exports: Object, env: Env) -> napi::Result<()> {
-    let install: Function<
-        '_,
-        FnArgs<(Unknown<'_>, Unknown<'_>, Unknown<'_>, Unknown<'_>)>,
-        Unknown<'_>,
-    > = env.run_script(WRAPPERS_JS)?;
+    type Args<'a> = (
+        Unknown<'a>,
+        Unknown<'a>,
+        Unknown<'a>,
+        Unknown<'a>,
+        Object<'a>,
+    );
+    let install: Function<'_, FnArgs<Args<'_>>, Unknown<'_>> = env.run_script(WRAPPERS_JS)?;
     let pool: Unknown = exports.get_named_property("ConnectionPool")?;
     let lease: Unknown = exports.get_named_property("PooledConnection")?;
     let cancellation: Unknown = exports.get_named_property("Cancellation")?;
@@ -1325,7 +1372,9 @@ pub fn install_wrappers(exports: Object, env: Env) -> napi::Result<()> {
     let shape_key =
         unsafe { Unknown::from_raw_unchecked(env.raw(), values::shape_key_function(env.raw())?) };
     // The installer returns the function that shapes small results (values::Packed).
-    let shaper = install.call((pool, lease, cancellation, shape_key).into())?;
+    // Leases' bare functions, shared by every lease (see `bare_functions`).
+    let lease_bare = bare_functions::<PooledConnection>(&env, None)?;
+    let shaper = install.call((pool, lease, cancellation, shape_key, lease_bare).into())?;
     values::set_shaper(env.raw(), shaper.raw())?;
     Ok(())
 }
@@ -1352,13 +1401,6 @@ impl PooledConnection {
 
 #[napi]
 impl PooledConnection {
-    /// Internal (wrappers.js): this lease's `query`, `execute`, `querySync` and
-    /// `executeSync` as bare functions of `(sql, params)` (see `bare_functions`).
-    #[napi(js_name = "_bare", skip_typescript)]
-    pub fn bare<'e>(&self, env: &'e Env) -> napi::Result<Object<'e>> {
-        bare_functions(env, self)
-    }
-
     /// Runs one statement on this connection and returns its rows.
     #[napi(
         ts_args_type = "sql: string, params?: unknown[], options?: CallOptions",

@@ -1,7 +1,7 @@
 // The parts of the API that are plain JavaScript over native calls, installed on the
 // native classes once per environment: AbortSignal wiring, the variadic `command`, and
 // `transaction`. Evaluated by src/binding/pool.rs at module load; returns the installer.
-(function install(ConnectionPool, PooledConnection, Cancellation, shapeKey) {
+(function install(ConnectionPool, PooledConnection, Cancellation, shapeKey, leaseBare) {
   const isOptions = (v) =>
     v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof Uint8Array)
 
@@ -232,22 +232,21 @@
     }
   }
 
-  // Each pool's and lease's bare functions (src/binding/pool.rs `bare_functions`): its
-  // query, execute, querySync and executeSync of (sql, params) without napi-rs's per-call
-  // work. They hold the native object's address, so they must never outlive it: `_bare` is
-  // taken off the prototypes here, and what it makes is kept only in this WeakMap, keyed by
-  // its object — no other code can reach it, and it goes with its object.
+  // Bare functions (src/binding/pool.rs `bare_functions`): query, execute, querySync and
+  // executeSync of (receiver, sql, params) without napi-rs's per-call work, the pool or lease
+  // passed first. A pool's hold its native object's address, so they must never outlive
+  // it: `_bare` is taken off the prototype here, and what it makes is kept only in this
+  // WeakMap, keyed by its pool — no other code can reach it, and it goes with its pool.
+  // Leases share one set (`leaseBare`), which checks each call's receiver natively: a lease
+  // lives briefly, and functions made for each one cost the garbage collector dearly.
   const bareFunctions = new WeakMap()
-  const makeBare = new Map()
-  for (const cls of [ConnectionPool, PooledConnection]) {
-    makeBare.set(cls, cls.prototype._bare)
-    delete cls.prototype._bare
-  }
+  const makePoolBare = ConnectionPool.prototype._bare
+  delete ConnectionPool.prototype._bare
   function bareOf(self) {
     let bare = bareFunctions.get(self)
     if (bare === undefined) {
-      const make = makeBare.get(self instanceof PooledConnection ? PooledConnection : ConnectionPool)
-      bare = make.call(self) // napi-rs checks that `self` is one of its objects
+      if (self instanceof PooledConnection) return leaseBare
+      bare = makePoolBare.call(self) // napi-rs checks that `self` is one of its objects
       bareFunctions.set(self, bare)
     }
     return bare
@@ -265,37 +264,37 @@
     const { query: packedQuery } = proto
     proto.querySync = function querySync(sql, params) {
       const bare = bareOf(this)
-      if (!spreads(params)) return shaped(bare.querySync(sql, params))
+      if (!spreads(params)) return shaped(bare.querySync(this, sql, params))
       switch (params == null ? 0 : params.length) {
-        case 0: return shaped(bare.querySyncSpread(sql))
-        case 1: return shaped(bare.querySyncSpread(sql, params[0]))
-        case 2: return shaped(bare.querySyncSpread(sql, params[0], params[1]))
-        case 3: return shaped(bare.querySyncSpread(sql, params[0], params[1], params[2]))
-        default: return shaped(bare.querySyncSpread(sql, ...params))
+        case 0: return shaped(bare.querySyncSpread(this, sql))
+        case 1: return shaped(bare.querySyncSpread(this, sql, params[0]))
+        case 2: return shaped(bare.querySyncSpread(this, sql, params[0], params[1]))
+        case 3: return shaped(bare.querySyncSpread(this, sql, params[0], params[1], params[2]))
+        default: return shaped(bare.querySyncSpread(this, sql, ...params))
       }
     }
     proto.executeSync = function executeSync(sql, params) {
       const bare = bareOf(this)
-      if (!spreads(params)) return bare.executeSync(sql, params)
+      if (!spreads(params)) return bare.executeSync(this, sql, params)
       switch (params == null ? 0 : params.length) {
-        case 0: return bare.executeSyncSpread(sql)
-        case 1: return bare.executeSyncSpread(sql, params[0])
-        case 2: return bare.executeSyncSpread(sql, params[0], params[1])
-        case 3: return bare.executeSyncSpread(sql, params[0], params[1], params[2])
-        default: return bare.executeSyncSpread(sql, ...params)
+        case 0: return bare.executeSyncSpread(this, sql)
+        case 1: return bare.executeSyncSpread(this, sql, params[0])
+        case 2: return bare.executeSyncSpread(this, sql, params[0], params[1])
+        case 3: return bare.executeSyncSpread(this, sql, params[0], params[1], params[2])
+        default: return bare.executeSyncSpread(this, sql, ...params)
       }
     }
     // The native call without options: a result when it ran on the calling thread, else a
     // promise. (Options come with a cancellation: the method itself.)
     const eagerQuery = function eagerQuery(sql, params) {
       const bare = bareOf(this)
-      if (!spreads(params)) return bare.query(sql, params)
+      if (!spreads(params)) return bare.query(this, sql, params)
       switch (params == null ? 0 : params.length) {
-        case 0: return bare.querySpread(sql)
-        case 1: return bare.querySpread(sql, params[0])
-        case 2: return bare.querySpread(sql, params[0], params[1])
-        case 3: return bare.querySpread(sql, params[0], params[1], params[2])
-        default: return bare.querySpread(sql, ...params)
+        case 0: return bare.querySpread(this, sql)
+        case 1: return bare.querySpread(this, sql, params[0])
+        case 2: return bare.querySpread(this, sql, params[0], params[1])
+        case 3: return bare.querySpread(this, sql, params[0], params[1], params[2])
+        default: return bare.querySpread(this, sql, ...params)
       }
     }
     const query = function query(sql, params, options, cancellation) {
@@ -306,13 +305,13 @@
     const { execute: nativeExecute, command, pipeline } = proto
     const eagerExecute = function eagerExecute(sql, params) {
       const bare = bareOf(this)
-      if (!spreads(params)) return bare.execute(sql, params)
+      if (!spreads(params)) return bare.execute(this, sql, params)
       switch (params == null ? 0 : params.length) {
-        case 0: return bare.executeSpread(sql)
-        case 1: return bare.executeSpread(sql, params[0])
-        case 2: return bare.executeSpread(sql, params[0], params[1])
-        case 3: return bare.executeSpread(sql, params[0], params[1], params[2])
-        default: return bare.executeSpread(sql, ...params)
+        case 0: return bare.executeSpread(this, sql)
+        case 1: return bare.executeSpread(this, sql, params[0])
+        case 2: return bare.executeSpread(this, sql, params[0], params[1])
+        case 3: return bare.executeSpread(this, sql, params[0], params[1], params[2])
+        default: return bare.executeSpread(this, sql, ...params)
       }
     }
     const execute = function execute(sql, params, options, cancellation) {

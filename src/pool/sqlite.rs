@@ -20,7 +20,7 @@ use crate::pool::value::{timestamp_to_iso, ExecuteResult, QueryResult, Value};
 const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
 
 pub struct SqliteConnection {
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<Mutex<Db>>,
     interrupt: rusqlite::InterruptHandle,
     /// `statementTimeoutMs`, enforced by a progress handler against `deadline`.
     statement_timeout: Option<Duration>,
@@ -30,17 +30,30 @@ pub struct SqliteConnection {
     notes: Arc<Notes>,
     /// How long a statement off the calling thread waits for another connection's lock.
     busy_timeout: Duration,
-    /// Calling-thread reads prepared on SQLite's own API; used with `conn` locked (`None`
-    /// when the statement cache is off).
-    fast: Option<Mutex<FastReads>>,
 }
 
-impl Drop for SqliteConnection {
+/// A connection and the reads kept prepared on it, under one lock: the statements are used
+/// only with the connection, and finalized before it closes (rusqlite panics closing a
+/// connection with statements still open). Dropped with its last holder, which may be a
+/// statement still running off the thread: nothing waits for it.
+pub(crate) struct Db {
+    /// Calling-thread reads prepared on SQLite's own API (`None` when the statement cache is
+    /// off).
+    fast: Option<FastReads>,
+    conn: Connection,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl Drop for Db {
     fn drop(&mut self) {
-        if let Some(fast) = &self.fast {
-            // Finalized before the connection can close, under its lock.
-            let _conn = self.conn.lock();
-            fast.lock().clear();
+        if let Some(fast) = &mut self.fast {
+            fast.clear();
         }
     }
 }
@@ -335,12 +348,14 @@ pub async fn connect(
     .map_err(|e| Error::internal(format!("SQLite open task failed: {e}")))??;
     Ok(SqliteConnection {
         interrupt: conn.get_interrupt_handle(),
-        conn: Arc::new(Mutex::new(conn)),
+        conn: Arc::new(Mutex::new(Db {
+            fast: statement_cache.then(FastReads::default),
+            conn,
+        })),
         statement_timeout: (!statement_timeout.is_zero()).then_some(statement_timeout),
         deadline,
         notes: Arc::default(),
         busy_timeout,
-        fast: statement_cache.then(Mutex::default),
     })
 }
 
@@ -877,8 +892,10 @@ impl SqliteConnection {
         query: bool,
         limit: Option<Duration>,
     ) -> Option<Result<Outcome>> {
-        let conn = self.conn.lock();
-        let _never_wait = limit.map(|_| NeverWait::new(&conn, self.busy_timeout));
+        let mut db = self.conn.lock();
+        let Db { fast, conn } = &mut *db;
+        let conn: &Connection = conn;
+        let _never_wait = limit.map(|_| NeverWait::new(conn, self.busy_timeout));
         // The deadline for a statement cut off at `cut_off` (else statementTimeoutMs).
         let arm = |cut_off: Option<Duration>| {
             let bound = cut_off.or(self.statement_timeout);
@@ -890,17 +907,13 @@ impl SqliteConnection {
         };
         let control = || is_transaction_control(sql);
         let (cut_off, bound, outcome) = if query {
-            let fast = match &self.fast {
-                Some(fast) => {
-                    // Only reads, and returns columns (so it is no BEGIN or COMMIT): cut off
-                    // at `limit`.
-                    let mut armed = None;
-                    fast.lock()
-                        .query(&conn, sql, params, || armed = Some(arm(limit)))
-                        .map(|rows| (limit, armed.flatten(), rows))
-                }
-                _ => None,
-            };
+            let fast = fast.as_mut().and_then(|fast| {
+                // Only reads, and returns columns (so it is no BEGIN or COMMIT): cut off at
+                // `limit`.
+                let mut armed = None;
+                fast.query(conn, sql, params, || armed = Some(arm(limit)))
+                    .map(|rows| (limit, armed.flatten(), rows))
+            });
             if let Some((cut_off, bound, rows)) = fast {
                 self.notes.read_only.store(1, Ordering::Relaxed);
                 (cut_off, bound, rows.map(Outcome::Rows))
@@ -911,7 +924,7 @@ impl SqliteConnection {
                     Ok(mut stmt) => {
                         let cut_off = limit.filter(|_| stmt.readonly() && !control());
                         let bound = arm(cut_off);
-                        let rows = query_on(&conn, &mut stmt, sql, params, &self.notes, &mut None);
+                        let rows = query_on(conn, &mut stmt, sql, params, &self.notes, &mut None);
                         (cut_off, bound, rows.map(Outcome::Rows))
                     }
                 }
@@ -920,9 +933,9 @@ impl SqliteConnection {
             // An autocommit write is cut off (see `run_execute` for one cut off as it ends);
             // inside a transaction only one that does not write.
             let cut_off =
-                limit.filter(|_| !control() && (conn.is_autocommit() || !writes(&conn, sql)));
+                limit.filter(|_| !control() && (conn.is_autocommit() || !writes(conn, sql)));
             let bound = arm(cut_off);
-            let done = run_execute(&conn, sql, params, &self.notes);
+            let done = run_execute(conn, sql, params, &self.notes);
             (cut_off, bound, done.map(Outcome::Done))
         };
         if bound.is_some() {
@@ -1077,6 +1090,13 @@ mod tests {
         .unwrap()
     }
 
+    /// One connection to a new in-memory database (kept while the database is).
+    async fn memory_connection() -> (MemoryDatabase, SqliteConnection) {
+        let target = SqliteTarget::memory();
+        let db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
+        (db, connect_to(&target).await)
+    }
+
     #[tokio::test]
     async fn memory_database_is_shared_by_the_pools_connections() {
         let target = SqliteTarget::memory();
@@ -1095,11 +1115,89 @@ mod tests {
         assert!(other.query("select x from t", &[]).await.is_err());
     }
 
+    /// Reads run on SQLite's own API so far on `c`.
+    fn fast_runs(c: &SqliteConnection) -> u64 {
+        c.conn.lock().fast.as_ref().map_or(0, |f| f.runs)
+    }
+
+    #[tokio::test]
+    async fn repeated_reads_run_kept_and_what_does_not_fit_goes_through_rusqlite() {
+        let (_db, c) = memory_connection().await;
+        c.execute("create table t(x integer)", &[]).await.unwrap();
+        let limit = Some(Duration::from_secs(5));
+        let read = |sql: &str, params: &[Value]| match c.run_now(sql, params, true, limit) {
+            Some(Ok(out)) => Ok(out.into_rows().rows),
+            Some(Err(e)) => Err(e),
+            None => panic!("{sql}: cut off"),
+        };
+        for i in 1..=3 {
+            assert_eq!(
+                read("select count(*) from t", &[]).unwrap(),
+                vec![vec![Value::Int(0)]]
+            );
+            assert_eq!(fast_runs(&c), i);
+        }
+        // Empty text and blob are bound as such: '' and a zero-length blob, not NULL.
+        let echo = "select ?1, typeof(?1)";
+        let text = |s: &str| Value::Text(s.into());
+        assert_eq!(
+            read(echo, &[text("")]).unwrap(),
+            vec![vec![text(""), text("text")]]
+        );
+        let blob = read(echo, &[Value::Bytes(vec![])]).unwrap();
+        assert_eq!(blob, vec![vec![Value::Bytes(vec![]), text("blob")]]);
+        assert_eq!(fast_runs(&c), 5);
+        // A write returning rows is not kept: rusqlite's path runs it (and it writes).
+        let returned = read("insert into t values (?1) returning x", &[Value::Int(4)]).unwrap();
+        assert_eq!(returned, vec![vec![Value::Int(4)]]);
+        assert_eq!(fast_runs(&c), 5);
+        // A text that failed to prepare is tried again once it can be: kept from then on.
+        let later = "select count(*) from later";
+        assert!(read(later, &[]).is_err());
+        c.execute("create table later(y integer)", &[])
+            .await
+            .unwrap();
+        assert_eq!(read(later, &[]).unwrap(), vec![vec![Value::Int(0)]]);
+        assert_eq!(fast_runs(&c), 6);
+        // A kept read past its limit is cut off (None: nothing returned, free to run again
+        // elsewhere), and the statement serves the next call from its first row.
+        let slow = "with recursive n(i) as (select 1 union all select i + 1 from n where i < ?1) \
+                    select count(*) from n";
+        let cut = c.run_now(slow, &[Value::Int(50_000_000)], true, Some(Duration::ZERO));
+        assert!(cut.is_none(), "{cut:?}");
+        assert_eq!(fast_runs(&c), 7);
+        assert_eq!(
+            read(slow, &[Value::Int(3)]).unwrap(),
+            vec![vec![Value::Int(3)]]
+        );
+        assert_eq!(fast_runs(&c), 8);
+    }
+
+    #[tokio::test]
+    async fn a_connection_held_by_a_running_statement_is_dropped_without_waiting_for_it() {
+        let (_db, c) = memory_connection().await;
+        c.run_now("select 1", &[], true, None).unwrap().unwrap();
+        assert_eq!(fast_runs(&c), 1);
+        // As a statement off the thread holds it: the connection's lock is taken here.
+        let held = Arc::clone(&c.conn);
+        let guard = held.lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(c); // a lease's release on the JavaScript thread
+            let _ = tx.send(());
+        });
+        let dropped = rx.recv_timeout(Duration::from_secs(10));
+        drop(guard);
+        assert!(
+            dropped.is_ok(),
+            "dropping the connection waited for its lock"
+        );
+        drop(held); // the last holder finalizes the kept reads, then closes
+    }
+
     #[tokio::test]
     async fn an_interrupt_as_a_statement_returns_after_its_commit_is_reported_as_done() {
-        let target = SqliteTarget::memory();
-        let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
-        let c = connect_to(&target).await;
+        let (_db, c) = memory_connection().await;
         c.execute("create table t(x integer)", &[]).await.unwrap();
         let conn = c.conn.lock();
         let rows = |conn: &Connection| -> i64 {
@@ -1141,9 +1239,7 @@ mod tests {
 
     #[tokio::test]
     async fn begin_and_commit_on_the_calling_thread_are_never_cut_off_after_taking_effect() {
-        let target = SqliteTarget::memory();
-        let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
-        let c = connect_to(&target).await;
+        let (_db, c) = memory_connection().await;
         c.execute("create table t(x integer)", &[]).await.unwrap();
         // A limit of zero cuts off any statement at its first progress check; BEGIN and
         // COMMIT (cached, their VM steps counted over thousands of runs) must not be, or a
@@ -1166,9 +1262,7 @@ mod tests {
 
     #[tokio::test]
     async fn transaction_state_and_errors_are_reported() {
-        let target = SqliteTarget::memory();
-        let _db = MemoryDatabase::create(&target, Duration::from_secs(1)).unwrap();
-        let c = connect_to(&target).await;
+        let (_db, c) = memory_connection().await;
         c.execute("begin", &[]).await.unwrap();
         assert_eq!(c.in_transaction(), Some(true));
         c.rollback().await.unwrap();

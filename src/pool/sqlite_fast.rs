@@ -38,12 +38,14 @@ struct Prepared {
     reprepared: c_int,
 }
 
-/// A connection's statements prepared for [`FastReads::query`]. Used and dropped only with
-/// the connection's lock held (see `SqliteConnection`), and finalized before the connection
-/// closes.
+/// A connection's statements prepared for [`FastReads::query`]. Kept beside the connection
+/// under its lock (see `sqlite::Db`), and finalized before the connection closes.
 #[derive(Default)]
 pub(crate) struct FastReads {
     kept: HashMap<Box<str>, Kept>,
+    /// Statements run here (for tests: whether a read took this path).
+    #[cfg(test)]
+    pub(crate) runs: u64,
 }
 
 // SAFETY: the statements are used only under their connection's lock, one thread at a time
@@ -61,14 +63,21 @@ fn bind(stmt: *mut ffi::sqlite3_stmt, i: c_int, v: &Value) -> Option<c_int> {
             Value::Bool(b) => ffi::sqlite3_bind_int64(stmt, i, *b as i64),
             Value::Int(n) | Value::BigInt(n) => ffi::sqlite3_bind_int64(stmt, i, *n),
             Value::Float(f) => ffi::sqlite3_bind_double(stmt, i, *f),
+            // An empty text or blob is bound from a real address (an empty `String`'s is
+            // dangling), and an empty blob as a zero-length blob, never NULL.
             Value::Text(s) | Value::Numeric(s) => ffi::sqlite3_bind_text64(
                 stmt,
                 i,
-                s.as_ptr().cast(),
+                if s.is_empty() {
+                    c"".as_ptr()
+                } else {
+                    s.as_ptr().cast()
+                },
                 s.len() as u64,
                 ffi::SQLITE_STATIC(),
                 ffi::SQLITE_UTF8 as u8,
             ),
+            Value::Bytes(b) if b.is_empty() => ffi::sqlite3_bind_zeroblob(stmt, i, 0),
             Value::Bytes(b) => ffi::sqlite3_bind_blob64(
                 stmt,
                 i,
@@ -158,11 +167,13 @@ impl FastReads {
             Some(Kept::Ready(p)) => p,
             Some(Kept::Unfit) => return None,
             None => {
+                // A text that fails to prepare (a table not made yet, say) is not kept:
+                // rusqlite's path reports the error, and the next call tries again.
+                let prepared = prepare(conn, sql)?;
                 if self.kept.len() >= KEPT {
                     self.clear();
                 }
-                let kept = self.kept.entry(sql.into()).or_insert(prepare(conn, sql));
-                let Kept::Ready(p) = kept else {
+                let Kept::Ready(p) = self.kept.entry(sql.into()).or_insert(prepared) else {
                     return None;
                 };
                 p
@@ -171,23 +182,21 @@ impl FastReads {
         if p.params != params.len() {
             return None; // rusqlite's path reports the count
         }
-        let stmt = p.stmt.as_ptr();
+        let stmt = Unbind(p.stmt.as_ptr());
         for (i, v) in params.iter().enumerate() {
-            let bound = bind(stmt, i as c_int + 1, v);
+            let bound = bind(stmt.0, i as c_int + 1, v);
             if bound != Some(ffi::SQLITE_OK) {
-                // SAFETY: a live statement.
-                unsafe { ffi::sqlite3_clear_bindings(stmt) };
                 // A value rusqlite's path converts first: there.
                 return bound.map(|rc| Err(super::sqlite::query_error(failure(conn, rc))));
             }
         }
         arm();
-        let outcome = Self::step_all(conn, p);
-        // SAFETY: a live statement; after the reset no bound bytes are read again.
-        unsafe {
-            ffi::sqlite3_reset(stmt);
-            ffi::sqlite3_clear_bindings(stmt);
+        #[cfg(test)]
+        {
+            self.runs += 1;
         }
+        let outcome = Self::step_all(conn, p);
+        drop(stmt); // reset before the parameters' bytes can go
         Some(outcome.map_err(super::sqlite::query_error))
     }
 
@@ -231,8 +240,23 @@ impl FastReads {
     }
 }
 
-/// Prepares `sql` for [`FastReads::query`], or says it does not fit.
-fn prepare(conn: &Connection, sql: &str) -> Kept {
+/// Resets a statement and clears its parameters when dropped, however its run ended: no
+/// bound bytes are read after it, and the next run starts from the first row.
+struct Unbind(*mut ffi::sqlite3_stmt);
+
+impl Drop for Unbind {
+    fn drop(&mut self) {
+        // SAFETY: a live statement, under its connection's lock.
+        unsafe {
+            ffi::sqlite3_reset(self.0);
+            ffi::sqlite3_clear_bindings(self.0);
+        }
+    }
+}
+
+/// Prepares `sql` for [`FastReads::query`], or says it does not fit; `None` when it fails to
+/// prepare.
+fn prepare(conn: &Connection, sql: &str) -> Option<Kept> {
     let mut stmt = ptr::null_mut();
     let mut tail = ptr::null();
     // SAFETY: the connection's handle, used under its lock; `sql` outlives the call.
@@ -246,8 +270,15 @@ fn prepare(conn: &Connection, sql: &str) -> Kept {
             &mut tail,
         )
     };
-    let Some(stmt) = NonNull::new(stmt).filter(|_| rc == ffi::SQLITE_OK) else {
-        return Kept::Unfit; // an error (rusqlite's path reports it) or no statement
+    if rc != ffi::SQLITE_OK {
+        if !stmt.is_null() {
+            // SAFETY: prepared just now, finalized once.
+            unsafe { ffi::sqlite3_finalize(stmt) };
+        }
+        return None;
+    }
+    let Some(stmt) = NonNull::new(stmt) else {
+        return Some(Kept::Unfit); // no statement (a comment, say)
     };
     let raw = stmt.as_ptr();
     // SAFETY: `tail` points into `sql` (or is null); the statement is live.
@@ -266,13 +297,13 @@ fn prepare(conn: &Connection, sql: &str) -> Kept {
     if !fits {
         // SAFETY: prepared just now, finalized once.
         unsafe { ffi::sqlite3_finalize(raw) };
-        return Kept::Unfit;
+        return Some(Kept::Unfit);
     }
-    Kept::Ready(Prepared {
+    Some(Kept::Ready(Prepared {
         stmt,
         // SAFETY: a live statement.
         params: unsafe { ffi::sqlite3_bind_parameter_count(raw) } as usize,
         columns: column_names(raw),
         reprepared: reprepared(raw),
-    })
+    }))
 }
