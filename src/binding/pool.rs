@@ -736,22 +736,22 @@ const SPREAD_MAX: usize = 16;
 
 /// `query`, `execute`, `querySync` and `executeSync` as plain functions of
 /// `(receiver, sql, params)`, and of `(receiver, sql, ...params)` under the same names with
-/// `Spread` appended (at most
-/// [`SPREAD_MAX`] parameters), called by wrappers.js when no options are given. They skip
-/// what napi-rs does on every method call (the borrow scope, and for a pool's the receiver's
-/// unwrap and type-tag check): about a third of a cheap SQLite statement's cost outside
-/// SQLite.
+/// `Spread` appended (at most [`SPREAD_MAX`] parameters), called by wrappers.js when no
+/// options are given. They skip what napi-rs does on every method call (the borrow scope,
+/// and for a pool's the receiver's unwrap and type-tag check): about a third of a cheap
+/// SQLite statement's cost outside SQLite.
 ///
 /// `Some(target)` (a pool's, made once per pool): each function holds `target`'s address.
 /// wrappers.js takes `_bare` off the prototype at load and keeps what it makes only in a
 /// `WeakMap` keyed by the JavaScript object that owns `target`: no other code can reach the
 /// functions, and they are unreachable once that object is, so `target` outlives every call.
 ///
-/// `None` (leases', made once per environment): each call unwraps its receiver (the first
-/// argument: a method call with `this` took longer), checked to be an `R` by its type tag. A lease is short-lived: eight functions made for each one
-/// survived the young-generation collections (V8 keeps a native function's data alive until
-/// a full collection), and in a workload of transactions those collections took 5 to 12 ms
-/// each instead of under one.
+/// `None` (leases', made once per environment): each call unwraps its receiver, checked to
+/// be an `R` by its type tag. It comes as the first argument: a method call with `this` took
+/// longer. A lease is short-lived: eight functions made for each one survived the
+/// young-generation collections (V8 keeps a native function's data alive until a full
+/// collection), and in a workload of transactions those collections took 5 to 12 ms each
+/// instead of under one.
 fn bare_functions<'e, R: Runner + TypeTag + 'static>(
     env: &'e Env,
     target: Option<&R>,
@@ -826,7 +826,17 @@ unsafe extern "C" fn bare<R: Runner + TypeTag + 'static, const KIND: u8>(
         }
         let to: &R = if data.is_null() {
             // SAFETY: an argument of the call, alive for the call.
-            unsafe { receiver::<R>(raw_env, argv[0])? }
+            match unsafe { receiver::<R>(raw_env, argv[0]) } {
+                Some(to) => to,
+                None => {
+                    let name = std::any::type_name::<R>().rsplit("::").next();
+                    let message = format!(
+                        "this method needs a {} as `this`",
+                        name.unwrap_or("native object")
+                    );
+                    return Err(js_error(&env, Error::invalid_argument(message)));
+                }
+            }
         } else {
             // SAFETY: `data` is the `R` that `bare_functions` was given, alive for every call.
             unsafe { &*data.cast_const().cast::<R>() }
@@ -881,29 +891,26 @@ unsafe extern "C" fn bare<R: Runner + TypeTag + 'static, const KIND: u8>(
     }
 }
 
-/// The `R` wrapped by `value` (a method's receiver), when its type tag says it is one (an object of another class,
-/// or a plain object made with `R`'s prototype, is refused before any cast).
+/// The `R` wrapped by `value` (a method's receiver), when its type tag says it is one: an
+/// object of another class, or a plain object made with `R`'s prototype, is `None`, refused
+/// before any cast.
 ///
 /// # Safety
 /// `value` is a value of the call in progress in `env`; the reference is used only during it.
 unsafe fn receiver<'a, R: TypeTag + 'static>(
     env: sys::napi_env,
     value: sys::napi_value,
-) -> napi::Result<&'a R> {
+) -> Option<&'a R> {
     let mut wrapped = std::ptr::null_mut();
-    let name = std::any::type_name::<R>()
-        .rsplit("::")
-        .next()
-        .unwrap_or("object");
     let status = unsafe { sys::napi_unwrap(env, value, &mut wrapped) };
     if status != sys::Status::napi_ok || wrapped.is_null() {
-        return Err(napi::Error::new(
-            napi::Status::InvalidArg,
-            format!("this method needs a {name} as `this`"),
-        ));
+        return None;
     }
-    unsafe { napi::bindgen_prelude::validate_type_tag(env, value, &R::type_tag(), name)? };
-    Ok(unsafe { &*wrapped.cast_const().cast::<R>() })
+    let mut tagged = false;
+    let status =
+        unsafe { sys::napi_check_object_type_tag(env, value, &R::type_tag(), &mut tagged) };
+    (status == sys::Status::napi_ok && tagged)
+        .then(|| unsafe { &*wrapped.cast_const().cast::<R>() })
 }
 
 /// The JS stack of the caller, taken only when leak detection wants it.

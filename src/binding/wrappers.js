@@ -242,15 +242,15 @@
   const bareFunctions = new WeakMap()
   const makePoolBare = ConnectionPool.prototype._bare
   delete ConnectionPool.prototype._bare
-  function bareOf(self) {
+  function poolBare(self) {
     let bare = bareFunctions.get(self)
     if (bare === undefined) {
-      if (self instanceof PooledConnection) return leaseBare
       bare = makePoolBare.call(self) // napi-rs checks that `self` is one of its objects
       bareFunctions.set(self, bare)
     }
     return bare
   }
+  const sharedLeaseBare = () => leaseBare
 
   // Parameters go as separate arguments when there are none or a short array of them (the
   // `…Spread` bare functions): cheaper than reading an array's elements natively one by one.
@@ -261,6 +261,7 @@
 
   for (const cls of [ConnectionPool, PooledConnection]) {
     const proto = cls.prototype
+    const bareOf = cls === ConnectionPool ? poolBare : sharedLeaseBare
     const { query: packedQuery } = proto
     proto.querySync = function querySync(sql, params) {
       const bare = bareOf(this)
